@@ -1,0 +1,128 @@
+"""TeacherCache: random access to a cache's rows as torch tensors.
+
+The source is a local directory, an ``s3://`` URL (fsspec), or an ``http(s)://`` URL of a cache
+served by the kdcache service (``http://host:port/v1/caches/<id>``). Over HTTP the arrays are read
+through the service's raw Zarr keys with Range requests and completion comes from the service.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcache.client._fields import arrays_for, expand_fields, to_tensors
+from kdcache.core.errors import CacheNotFoundError
+from kdcache.core.format import Manifest
+from kdcache.core.reader import CacheReader
+from kdcache.core.shards import ShardRecord
+from kdcache.core.storage import FsspecStorage
+
+__all__ = ["TeacherCache", "open_reader"]
+
+_SERVICE_CACHE = re.compile(r"^(https?://.+?)/v1/caches/([0-9a-fA-F]+)/?$")
+
+
+def _service_completed(
+    base: str, cache_id: str, headers: Mapping[str, str]
+) -> Mapping[int, ShardRecord]:
+    import httpx
+
+    resp = httpx.get(f"{base}/v1/caches/{cache_id}", headers=dict(headers), timeout=30.0)
+    if resp.status_code == 404:
+        raise CacheNotFoundError(f"the service at {base} has no cache {cache_id}")
+    resp.raise_for_status()
+    body = resp.json()
+    return {int(r["shard"]): ShardRecord.from_dict(r) for r in body.get("completed", [])}
+
+
+def open_reader(
+    source: str | os.PathLike[str],
+    *,
+    token: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CacheReader:
+    """A core :class:`CacheReader` for a local path, ``s3://`` URL or service cache URL."""
+    src = str(source)
+    m = _SERVICE_CACHE.match(src)
+    if m is None:
+        return CacheReader(src, storage_options=storage_options)
+    base, cache_id = m.group(1), m.group(2)
+    token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    opts = dict(storage_options or {})
+    opts.setdefault("client_kwargs", {}).setdefault("headers", {}).update(headers)
+    storage = FsspecStorage(f"{base}/v1/caches/{cache_id}/store", opts)
+    return CacheReader(
+        storage.url,
+        storage=storage,
+        completed=lambda: _service_completed(base, cache_id, headers),
+    )
+
+
+class TeacherCache:
+    """Random access by row to a cache, as torch tensors ready for the losses."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        token: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.source = str(source)
+        self.reader = open_reader(source, token=token, storage_options=storage_options)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.reader.manifest
+
+    @property
+    def cache_id(self) -> str:
+        return self.manifest.cache_id
+
+    @property
+    def fields(self) -> list[str]:
+        """Every field key this cache can give."""
+        return expand_fields(self.manifest, None)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.reader.is_complete
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    def read(
+        self, fields: Iterable[str] | None, rows: Sequence[int] | np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Raw numpy arrays (stored dtypes) for ``rows``, keyed by field."""
+        keys = expand_fields(self.manifest, fields)
+        idx = np.asarray(rows, dtype=np.int64)
+        return {f: self.reader.read(name, idx) for f, name in arrays_for(keys).items()}
+
+    def batch(
+        self, rows: Sequence[int] | np.ndarray, fields: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tensors for ``rows`` with a leading batch dimension: keys as in the module docs."""
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return to_tensors(self.manifest, idx, self.read(fields, idx))
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        """One row without the batch dimension."""
+        n = len(self)
+        if not -n <= row < n:
+            raise IndexError(f"row {row} out of range for {n} rows")
+        b = self.batch([row % n])
+        return {k: v[0] for k, v in b.items()}
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"TeacherCache({self.source!r}, rows={m.num_rows}, seq_len={m.seq_len}, "
+            f"topk={m.topk}, layers={m.hidden_layers})"
+        )

@@ -1,0 +1,101 @@
+"""Content fingerprints of teachers, tokenizers and datasets, and the cache id built from them.
+
+A fingerprint hashes what determines the numbers, never where the files live: moving a model
+directory keeps its caches. The cache id is a hash of (teacher, dataset, outputs, format version),
+so submitting the same job twice finds the same cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "cache_id",
+    "canonical_json",
+    "dataset_fingerprint",
+    "hash_file",
+    "teacher_fingerprint",
+    "tokenizer_fingerprint",
+]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CONFIG_FILES = ("config.json",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
+_BLOCK = 8 << 20
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no spaces: the same object always hashes the same."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def hash_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (weight files can be tens of GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_named_files(root: Path, names: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(names):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(hash_file(p).encode())
+    return h.hexdigest()
+
+
+def teacher_fingerprint(hf_dir: str | None = None, module: str | None = None) -> str:
+    """Hash of a HF directory's config and weight files, or of a module teacher's source file."""
+    if hf_dir is not None:
+        root = Path(hf_dir)
+        files = [root / n for n in CONFIG_FILES if (root / n).is_file()]
+        files += [p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+        return "hf:" + _hash_named_files(root, files)
+    if module is None:
+        raise ValueError("teacher_fingerprint needs hf_dir or module")
+    mod_name = module.split(":", 1)[0]
+    h = hashlib.sha256(module.encode())
+    try:
+        found = importlib.util.find_spec(mod_name)
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.origin and Path(found.origin).is_file():
+        h.update(hash_file(found.origin).encode())
+    return "module:" + h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | None) -> str | None:
+    """Hash of a tokenizer's files, or None where the directory holds no tokenizer."""
+    if tokenizer_dir is None:
+        return None
+    root = Path(tokenizer_dir)
+    files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+    return "tok:" + _hash_named_files(root, files) if files else None
+
+
+def dataset_fingerprint(path: str | Path, params: dict[str, Any] | None = None) -> str:
+    """Hash of a dataset file's bytes plus the parameters that turn it into rows."""
+    h = hashlib.sha256(hash_file(path).encode())
+    if params:
+        h.update(canonical_json(params).encode())
+    return h.hexdigest()
+
+
+def cache_id(identity: dict[str, Any]) -> str:
+    """The content address of a cache: 32 hex digits of SHA-256 over its identity."""
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:32]

@@ -1,0 +1,179 @@
+"""Cache format version 1: array names, dtypes, chunking, codecs and the manifest.
+
+A cache is one Zarr v3 group. Row i of every array is dataset row i; position j of ``topk/*`` is
+the teacher's prediction of token j+1::
+
+    input_ids        (N, T)          int32
+    topk/logprobs    (N, T, k)       float16   z_v - lse_1 of the top-k, sorted descending
+    topk/indices     (N, T, k)       uint16 | int32 (smallest that holds V)
+    topk/logsumexp   (N, T, n_temps) float32   log sum_v exp(z_v / t), full vocabulary
+    hidden/<layer>   (N, T, d)       float16 | float32 | uint16 bits with attr dtype: bfloat16
+
+Every array is sharded along rows: one Zarr shard = ``rows_per_shard`` rows = one lease, so a
+worker always writes whole shard objects. Inside a shard, chunks are small enough that reading one
+row touches little else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdcache.core.errors import CacheFormatError
+
+__all__ = [
+    "ARRAY_INPUT_IDS",
+    "ARRAY_LOGPROBS",
+    "ARRAY_INDICES",
+    "ARRAY_LOGSUMEXP",
+    "FORMAT_VERSION",
+    "ArraySpec",
+    "Manifest",
+    "array_specs",
+    "hidden_array",
+    "index_dtype",
+    "plan_chunks",
+    "shard_rows",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "kdcache"
+ARRAY_INPUT_IDS = "input_ids"
+ARRAY_LOGPROBS = "topk/logprobs"
+ARRAY_INDICES = "topk/indices"
+ARRAY_LOGSUMEXP = "topk/logsumexp"
+CHUNK_TARGET_BYTES = 1 << 20
+HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+
+
+def hidden_array(layer: int) -> str:
+    """Array name of a hidden layer: ``hidden/<layer>``."""
+    return f"hidden/{layer}"
+
+
+def index_dtype(vocab_size: int) -> str:
+    """The smallest of uint16 / int32 that holds every id of a vocabulary."""
+    return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    cap = max(1, min(n, cap))
+    return next(d for d in range(cap, 0, -1) if n % d == 0)
+
+
+def plan_chunks(
+    row_shape: tuple[int, ...], itemsize: int, rows_per_shard: int, target: int = CHUNK_TARGET_BYTES
+) -> tuple[int, ...]:
+    """Inner chunk shape for an array of rows shaped ``row_shape``.
+
+    Rows per chunk divide ``rows_per_shard`` and positions per chunk divide T (Zarr needs the
+    shard shape to be a multiple of the chunk shape); a chunk stays near ``target`` bytes.
+    """
+    t, rest = row_shape[0], row_shape[1:]
+    per_pos = itemsize * int(np.prod(rest, dtype=np.int64)) if rest else itemsize
+    row_bytes = per_pos * t
+    if row_bytes >= target:
+        return (1, _largest_divisor_at_most(t, max(1, target // per_pos)), *rest)
+    return (_largest_divisor_at_most(rows_per_shard, target // row_bytes), t, *rest)
+
+
+def shard_rows(shard: int, rows_per_shard: int, num_rows: int) -> tuple[int, int]:
+    """Row range [start, end) of a shard."""
+    start = shard * rows_per_shard
+    if shard < 0 or start >= num_rows:
+        raise IndexError(f"shard {shard} out of range for {num_rows} rows")
+    return start, min(start + rows_per_shard, num_rows)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a cache: its name, per-row shape, stored dtype and logical dtype."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    logical_dtype: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a cache holds; stored in the group's attributes under ``kdcache``."""
+
+    cache_id: str
+    num_rows: int
+    seq_len: int
+    vocab_size: int
+    topk: int
+    temperatures: list[float]
+    hidden_layers: list[int]
+    hidden_size: int | None
+    hidden_dtype: str
+    rows_per_shard: int
+    teacher_fingerprint: str
+    dataset_fingerprint: str
+    tokenizer_fingerprint: str | None = None
+    layer_map: dict[str, int] = field(default_factory=dict)
+    index_dtype: str = "uint16"
+    name: str = ""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    codecs: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.rows_per_shard)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_rows * self.seq_len
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        return shard_rows(shard, self.rows_per_shard, self.num_rows)
+
+    def shard_of_row(self, row: int) -> int:
+        return row // self.rows_per_shard
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Parse a manifest; refuse versions this code does not know."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(
+                f"cache format version {version!r} is not supported (this kdcache reads "
+                f"version {FORMAT_VERSION})"
+            )
+        known = set(cls.__dataclass_fields__)
+        try:
+            m = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise CacheFormatError(f"malformed kdcache manifest: {err}") from None
+        return m
+
+    def arrays(self) -> list[ArraySpec]:
+        return array_specs(self)
+
+
+def array_specs(m: Manifest) -> list[ArraySpec]:
+    """Every array a cache with this manifest holds."""
+    t = m.seq_len
+    out = [ArraySpec(ARRAY_INPUT_IDS, (t,), "int32", "int32")]
+    if m.topk > 0:
+        k, n = m.topk, len(m.temperatures)
+        out += [
+            ArraySpec(ARRAY_LOGPROBS, (t, k), "float16", "float16"),
+            ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype),
+            ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
+        ]
+    if m.hidden_layers:
+        if m.hidden_size is None:
+            raise CacheFormatError("manifest has hidden layers but no hidden_size")
+        stored = HIDDEN_STORAGE[m.hidden_dtype]
+        for layer in m.hidden_layers:
+            out.append(ArraySpec(hidden_array(layer), (t, m.hidden_size), stored, m.hidden_dtype))
+    return out

@@ -1,0 +1,193 @@
+"""The job spec: one pydantic model shared by the REST API, the CLI and the worker.
+
+A spec is checked in two steps. :func:`parse_spec` checks its shape (types, ranges, exactly one
+teacher source, ...); :func:`kdcache.core.resolve.resolve_job` then checks it against the files it
+names (teacher config, dataset header). Both report every problem at once, each naming its field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdcache.core.errors import Problem, SpecError
+
+__all__ = [
+    "DatasetSpec",
+    "JobSpec",
+    "OutputSpec",
+    "TeacherSpec",
+    "load_spec",
+    "parse_spec",
+]
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+HiddenDType = Literal["bfloat16", "float16", "float32"]
+_UNIFORM = re.compile(r"^uniform:(\d+)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherSpec(_Model):
+    """Which teacher to run: a local Hugging Face directory or a ``"pkg.mod:callable"``."""
+
+    hf: str | None = Field(None, description="local Hugging Face directory (AutoModelForCausalLM)")
+    module: str | None = Field(
+        None, description='"pkg.mod:callable" returning an nn.Module: ids (B,T) -> logits (B,T,V)'
+    )
+    dtype: DType = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("module")
+    @classmethod
+    def _module_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError('must look like "package.module:callable"')
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if (self.hf is None) == (self.module is None):
+            raise ValueError("give exactly one of 'hf' (a local directory) or 'module'")
+        return self
+
+
+class DatasetSpec(_Model):
+    """The static dataset: an (N, T) integer ``.npy`` array, or JSON lines tokenised here."""
+
+    tokens: str | None = Field(None, description="(N, T) integer .npy file, memory-mapped")
+    jsonl: str | None = Field(None, description="JSON lines file with one document per line")
+    text_field: str = "text"
+    tokenizer: str | None = Field(None, description="local tokenizer dir; default: the teacher's")
+    seq_len: int | None = Field(None, ge=2, description="row length for jsonl datasets")
+    pack: bool = Field(True, description="concatenate documents (EOS-separated) into full rows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.tokens is None) == (self.jsonl is None):
+            raise ValueError("give exactly one of 'tokens' (.npy) or 'jsonl'")
+        if self.jsonl is not None and self.seq_len is None:
+            raise ValueError("'seq_len' is required with 'jsonl'")
+        return self
+
+
+class OutputSpec(_Model):
+    """What to keep of each teacher forward."""
+
+    topk: int = Field(64, ge=0, description="top-k log-probabilities per position, 0 for none")
+    temperatures: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="log-sum-exp over the full vocabulary is stored for each; 1.0 is always kept",
+    )
+    hidden_layers: list[int] | str = Field(
+        default_factory=list,
+        description='HF hidden_states indices, or "uniform:S" for an S-layer student',
+    )
+    hidden_dtype: HiddenDType = "bfloat16"
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temps(cls, v: list[float]) -> list[float]:
+        bad = [t for t in v if not t > 0 or t != t or t == float("inf")]
+        if bad:
+            raise ValueError(f"temperatures must be finite and > 0, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"temperatures must be distinct, got {v}")
+        # z_v = logprob_v + lse_1 needs lse at t=1, so t=1 is always cached (first when added).
+        return v if 1.0 in v else [1.0, *v]
+
+    @field_validator("hidden_layers")
+    @classmethod
+    def _layers(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, str):
+            m = _UNIFORM.match(v.strip())
+            if not m or int(m.group(1)) < 1:
+                raise ValueError('must be a list of layer indices or "uniform:S" with S >= 1')
+            return v.strip()
+        neg = [i for i in v if i < 0]
+        if neg:
+            raise ValueError(f"layer indices must be >= 0, got {neg}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layer indices must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> OutputSpec:
+        if self.topk == 0 and not self.hidden_layers:
+            raise ValueError("nothing to keep: set topk > 0 or hidden_layers")
+        return self
+
+    def uniform_student_layers(self) -> int | None:
+        """S of ``"uniform:S"``, or None for an explicit layer list."""
+        if isinstance(self.hidden_layers, str):
+            m = _UNIFORM.match(self.hidden_layers)
+            return int(m.group(1)) if m else None
+        return None
+
+
+class JobSpec(_Model):
+    """A cache job: which teacher, which data, what to keep, and how to split the work."""
+
+    name: str = Field("kdcache-job", max_length=200)
+    teacher: TeacherSpec
+    dataset: DatasetSpec
+    outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
+    batch_size: int = Field(8, ge=1, le=65536)
+    rows_per_shard: int = Field(256, ge=1, le=1 << 20)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    return ".".join(parts) or "spec"
+
+
+def problems_from_validation(err: ValidationError, prefix: str = "") -> list[Problem]:
+    """Turn pydantic's errors into :class:`Problem` s naming dotted fields."""
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("str", "list[int]", "int"))
+        msg = e["msg"].removeprefix("Value error, ")
+        field = _field_path(loc)
+        out.append(Problem(f"{prefix}{field}" if prefix else field, msg))
+    return out
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a decoded spec (a dict); raise :class:`SpecError` with every problem found."""
+    if isinstance(data, JobSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError([Problem("spec", f"must be a mapping, got {type(data).__name__}")])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(problems_from_validation(err)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a job spec from a YAML or JSON file; relative paths in it stay as written."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise SpecError([Problem("spec", f"cannot read {p}: {err.strerror or err}")]) from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise SpecError([Problem("spec", f"{p} is not valid YAML/JSON: {err}")]) from None
+    return parse_spec(data)

@@ -1,0 +1,151 @@
+"""The shard writer: creates a cache's arrays once, then writes whole shards of every array.
+
+Zarr's shard is the unit of writing: two processes writing parts of one shard object lose data,
+so a lease covers exactly one shard of rows and :meth:`CacheWriter.write_shard` writes all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from kdcache.core.errors import CacheFormatError, ManifestMismatchError
+from kdcache.core.format import MANIFEST_KEY, ArraySpec, Manifest, plan_chunks
+from kdcache.core.shards import ShardRecord, checksum, list_records, write_record
+from kdcache.core.storage import Storage, open_storage
+
+__all__ = ["CODECS", "CacheWriter"]
+
+log = logging.getLogger(__name__)
+
+CODECS: dict[str, Any] = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname=CODECS["cname"], clevel=CODECS["clevel"], shuffle=CODECS["shuffle"])
+
+
+def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
+    itemsize = np.dtype(spec.dtype).itemsize
+    chunks = plan_chunks(spec.row_shape, itemsize, m.rows_per_shard)
+    shards = (m.rows_per_shard, *spec.row_shape)
+    attrs: dict[str, Any] = (
+        {"dtype": spec.logical_dtype} if spec.logical_dtype != spec.dtype else {}
+    )
+    group.create_array(
+        spec.name,
+        shape=(m.num_rows, *spec.row_shape),
+        dtype=spec.dtype,
+        chunks=chunks,
+        shards=shards,
+        compressors=_compressor(),
+        fill_value=0,
+        attributes=attrs,
+    )
+
+
+class CacheWriter:
+    """Writes one cache. Safe to open from many workers at once: creation is idempotent."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, group: zarr.Group) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.group = group
+        self._arrays: dict[str, zarr.Array] = {
+            s.name: group[s.name]  # type: ignore[misc]
+            for s in manifest.arrays()
+        }
+
+    @classmethod
+    def open(
+        cls, url: str, manifest: Manifest, storage_options: dict[str, Any] | None = None
+    ) -> CacheWriter:
+        """Create the cache at ``url``, or open it when one with the same id is already there."""
+        storage = open_storage(url, storage_options)
+        store = storage.zarr_store(read_only=False)
+        try:
+            group = zarr.open_group(store, mode="r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = None
+        if group is not None:
+            existing = group.attrs.get(MANIFEST_KEY)
+            if existing is None:
+                raise CacheFormatError(f"{url} is a Zarr group but not a kdcache cache")
+            found = Manifest.from_dict(dict(existing))  # type: ignore[arg-type]
+            if found != manifest:
+                raise ManifestMismatchError(
+                    f"{url} holds cache {found.cache_id} with a different manifest; refusing to "
+                    "write into it"
+                )
+            return cls(storage, found, group)
+        # Never mode="w": it would delete what a worker racing us has already written.
+        try:
+            group = zarr.open_group(store, mode="w-", attributes={MANIFEST_KEY: manifest.to_dict()})
+        except zarr.errors.ContainsGroupError:
+            return cls.open(url, manifest, storage_options)
+        for spec in manifest.arrays():
+            try:
+                _create_array(group, spec, manifest)
+            except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+                pass
+        log.info("created cache %s at %s", manifest.cache_id, url)
+        return cls(storage, manifest, group)
+
+    def completed(self) -> dict[int, ShardRecord]:
+        return list_records(self.storage)
+
+    def missing_shards(self) -> list[int]:
+        done = self.completed()
+        return [s for s in range(self.manifest.num_shards) if s not in done]
+
+    def write_shard(
+        self, shard: int, data: dict[str, np.ndarray], *, writer: dict[str, Any] | None = None
+    ) -> ShardRecord:
+        """Write every array's rows of ``shard`` (whole Zarr shards) and return its record.
+
+        The record is not yet published: call :meth:`commit` once it is also recorded elsewhere
+        where that is wanted (the service records it in its database on ``complete``).
+        """
+        t0 = time.perf_counter()
+        start, end = self.manifest.shard_rows(shard)
+        expected = {s.name: s for s in self.manifest.arrays()}
+        if set(data) != set(expected):
+            raise ValueError(
+                f"shard {shard}: arrays {sorted(data)} do not match the cache's {sorted(expected)}"
+            )
+        sums = {}
+        for name, arr in data.items():
+            spec = expected[name]
+            want = (end - start, *spec.row_shape)
+            if arr.shape != want or arr.dtype != np.dtype(spec.dtype):
+                raise ValueError(
+                    f"shard {shard}: {name} is {arr.shape} {arr.dtype}, "
+                    f"expected {want} {spec.dtype}"
+                )
+            self._arrays[name][start:end] = arr
+            sums[name] = checksum(arr)
+        return ShardRecord(
+            shard=shard,
+            start=start,
+            end=end,
+            checksums=sums,
+            tokens=(end - start) * self.manifest.seq_len,
+            seconds=round(time.perf_counter() - t0, 6),
+            writer=dict(writer or {}),
+        )
+
+    def commit(self, record: ShardRecord) -> None:
+        """Publish a shard: from now on readers see its rows."""
+        write_record(self.storage, record)
+
+    def clean_partial(self) -> int:
+        """Remove temp files a killed writer left behind; returns how many."""
+        stale = [k for k in self.storage.list("") if k.endswith(".partial")]
+        for key in stale:
+            self.storage.delete(key)
+        return len(stale)

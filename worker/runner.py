@@ -1,0 +1,224 @@
+"""The shard runner: teacher forward once per row, whole shards written, then published.
+
+:func:`prepare_job` turns a spec into a loaded teacher, a dataset source and the cache manifest;
+:class:`ShardRunner` computes and writes one shard (the unit a lease covers); :func:`run_job` is
+the embedded mode, every missing shard in this process. Computing shard i+1 overlaps writing
+shard i (torch and Blosc release the GIL), so the teacher is rarely idle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from kdcache.core.errors import Problem, SpecError
+from kdcache.core.format import Manifest, index_dtype
+from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
+from kdcache.core.shards import ShardRecord
+from kdcache.core.spec import JobSpec
+from kdcache.core.writer import CODECS, CacheWriter
+from kdcache.worker.datasets import DatasetSource, open_source
+from kdcache.worker.extract import extract_batches
+from kdcache.worker.progress import Progress
+from kdcache.worker.teachers import Teacher, load_teacher
+
+__all__ = ["PreparedJob", "ShardRunner", "build_manifest", "cache_url", "prepare_job", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_url(root: str | os.PathLike[str], cache_id: str) -> str:
+    """Where a cache lives under a storage root: ``<root>/caches/<cache_id>``."""
+    r = str(root).rstrip("/")
+    return f"{r}/caches/{cache_id}" if "://" in r else str(Path(r).absolute() / "caches" / cache_id)
+
+
+def build_manifest(plan: JobPlan, hidden_size: int | None) -> Manifest:
+    """The manifest of ``plan``'s cache. Holds no file paths: moving files keeps the cache."""
+    spec, info = plan.spec, plan.teacher
+    if info.vocab_size is None or plan.num_rows is None:
+        raise ValueError("build_manifest needs a completed plan (vocab size and rows known)")
+    teacher = {
+        "kind": "hf" if spec.teacher.hf else "module",
+        "module": spec.teacher.module,
+        "dtype": spec.teacher.dtype,
+        "num_layers": info.num_layers,
+    }
+    ds = spec.dataset
+    dataset: dict[str, Any] = {"kind": "tokens" if ds.tokens else "jsonl"}
+    if ds.jsonl:
+        dataset.update(text_field=ds.text_field, seq_len=ds.seq_len, pack=ds.pack)
+    return Manifest(
+        cache_id=plan.cache_id,
+        num_rows=plan.num_rows,
+        seq_len=plan.seq_len,
+        vocab_size=info.vocab_size,
+        topk=spec.outputs.topk,
+        temperatures=list(spec.outputs.temperatures),
+        hidden_layers=plan.layers,
+        hidden_size=hidden_size if plan.layers else None,
+        hidden_dtype=spec.outputs.hidden_dtype,
+        rows_per_shard=spec.rows_per_shard,
+        teacher_fingerprint=plan.teacher_fingerprint,
+        dataset_fingerprint=plan.dataset_fingerprint,
+        tokenizer_fingerprint=plan.tokenizer_fingerprint,
+        layer_map={str(s): t for s, t in sorted(plan.layer_map.items())},
+        index_dtype=index_dtype(info.vocab_size),
+        name=spec.name,
+        teacher=teacher,
+        dataset=dataset,
+        codecs=dict(CODECS),
+    )
+
+
+@dataclass
+class PreparedJob:
+    """A job ready to run: its plan, manifest, loaded teacher and dataset source."""
+
+    plan: JobPlan
+    manifest: Manifest
+    teacher: Teacher
+    source: DatasetSource
+
+
+def _hidden_size(teacher: Teacher, layers: list[int]) -> int | None:
+    if not layers:
+        return None
+    if teacher.hidden_size is not None:
+        return teacher.hidden_size
+    import torch
+
+    out = teacher.forward(torch.zeros((1, 2), dtype=torch.long), layers[:1])
+    return int(out.hidden[layers[0]].shape[-1])
+
+
+def prepare_job(
+    spec: JobSpec, base_dir: str | os.PathLike[str] | None = None, plan: JobPlan | None = None
+) -> PreparedJob:
+    """Resolve ``spec``, load its teacher and dataset; every spec problem raises SpecError."""
+    plan = plan or resolve_job(spec, base_dir)
+    teacher = load_teacher(plan.spec.teacher)
+    source = open_source(plan.spec.dataset, plan.spec.teacher.hf)
+    if source.num_rows < 1:
+        raise SpecError([Problem("dataset", "the dataset yields no rows")])
+    info = TeacherInfo(
+        vocab_size=teacher.vocab_size,
+        num_layers=teacher.num_layers,
+        hidden_size=teacher.hidden_size,
+        max_positions=teacher.max_positions,
+    )
+    plan = plan.complete(teacher=info, num_rows=source.num_rows)
+    manifest = build_manifest(plan, _hidden_size(teacher, plan.layers))
+    return PreparedJob(plan=plan, manifest=manifest, teacher=teacher, source=source)
+
+
+class ShardRunner:
+    """Computes and writes shards of one cache; one per worker process."""
+
+    def __init__(self, job: PreparedJob, writer: CacheWriter) -> None:
+        self.job = job
+        self.writer = writer
+        self.identity = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "teacher": job.teacher.description,
+        }
+
+    def compute(self, shard: int) -> dict[str, np.ndarray]:
+        """Every array's rows of ``shard``: one teacher forward per batch, nothing kept twice."""
+        m, spec = self.job.manifest, self.job.plan.spec
+        start, end = m.shard_rows(shard)
+        ids = self.job.source.rows(start, end)
+        data = extract_batches(
+            self.job.teacher,
+            ids,
+            batch_size=spec.batch_size,
+            row_offset=start,
+            topk=m.topk,
+            temperatures=m.temperatures,
+            layers=m.hidden_layers,
+            hidden_dtype=m.hidden_dtype,
+            index_dtype=m.index_dtype,
+        )
+        data["input_ids"] = np.ascontiguousarray(ids, dtype=np.int32)
+        return data
+
+    def write(self, shard: int, data: dict[str, np.ndarray], *, commit: bool = True) -> ShardRecord:
+        record = self.writer.write_shard(shard, data, writer=self.identity)
+        if commit:
+            self.writer.commit(record)
+        return record
+
+    def run_shard(self, shard: int, *, commit: bool = True) -> ShardRecord:
+        t0 = time.perf_counter()
+        record = self.write(shard, self.compute(shard), commit=commit)
+        log.debug("shard %d done in %.2fs", shard, time.perf_counter() - t0)
+        return record
+
+
+def open_writer(
+    job: PreparedJob, root: str, storage_options: dict[str, Any] | None = None
+) -> CacheWriter:
+    """Create (or reopen) the cache of ``job`` under ``root`` and record its job spec there."""
+    url = cache_url(root, job.manifest.cache_id)
+    writer = CacheWriter.open(url, job.manifest, storage_options)
+    if not writer.storage.exists("_kdcache/job.json"):
+        writer.storage.write_bytes(
+            "_kdcache/job.json", json.dumps(job.plan.spec.model_dump(), indent=1).encode()
+        )
+    return writer
+
+
+def run_job(
+    spec: JobSpec,
+    root: str | os.PathLike[str],
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress_stream: TextIO | None = None,
+    job: PreparedJob | None = None,
+) -> str:
+    """Embedded mode: run every missing shard of ``spec``'s cache in this process.
+
+    Resumable: shards with a completion record are skipped, so a rerun after a crash does only
+    what is missing and ends with the same bytes. Returns the cache's URL.
+    """
+    job = job or prepare_job(spec, base_dir)
+    writer = open_writer(job, str(root), storage_options)
+    stale = writer.clean_partial()
+    if stale:
+        log.info("removed %d partial files left by an interrupted run", stale)
+    todo = writer.missing_shards()
+    m = job.manifest
+    progress = Progress(
+        m.num_rows,
+        m.seq_len,
+        done_rows=m.num_rows - sum(m.shard_rows(s)[1] - m.shard_rows(s)[0] for s in todo),
+        stream=progress_stream,
+    )
+    runner = ShardRunner(job, writer)
+    pending: Future[ShardRecord] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-write") as pool:
+        try:
+            for shard in todo:
+                data = runner.compute(shard)
+                if pending is not None:
+                    progress.update(pending.result().rows)
+                pending = pool.submit(runner.write, shard, data)
+            if pending is not None:
+                progress.update(pending.result().rows)
+                pending = None
+        finally:
+            if pending is not None and not pending.cancelled():
+                pending.exception()  # let the shard in flight land before the error propagates
+    progress.close()
+    return writer.storage.url
