@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:
     try:
         from kdcache.cli.service_commands import add_commands
     except ImportError:

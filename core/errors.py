@@ -12,7 +12,8 @@ its meaning, so callers that already catch ``ValueError`` or ``FileNotFoundError
     ├── CacheFormatError(ValueError)          a store is not a kdcache cache of a known version
     ├── CacheNotFoundError(FileNotFoundError) no cache at that path or URL
     ├── ShardIncompleteError(LookupError)     rows of a shard that is not complete yet
-    └── IntegrityError                        a shard's checksums do not match its record
+    ├── IntegrityError                        a shard's checksums do not match its record
+    └── ServiceError                          the service answered with an error (status, code)
 
 The service maps these to HTTP status codes in one handler; the CLI maps them to exit codes.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "KDCacheError",
     "ManifestMismatchError",
     "Problem",
+    "ServiceError",
     "ShardIncompleteError",
     "SpecError",
     "TeacherError",
@@ -94,3 +96,16 @@ class ShardIncompleteError(KDCacheError, LookupError):
 
 class IntegrityError(KDCacheError):
     """A completed shard's data no longer matches the checksums recorded at completion."""
+
+
+class ServiceError(KDCacheError):
+    """The kdcache service answered with an error: ``status`` is the HTTP status code, ``code``
+    the service's error code (``not_found``, ``lease_lost``, ...), ``body`` the decoded answer."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str = "", body: object | None = None
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.body = body
+        super().__init__(message)

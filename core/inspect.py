@@ -20,7 +20,7 @@ def inspect_cache(url: str, reader: CacheReader | None = None) -> dict[str, Any]
     """A JSON-ready summary of a cache."""
     reader = reader or CacheReader(url)
     m = reader.manifest
-    arrays = []
+    arrays: list[dict[str, Any]] = []
     for spec in m.arrays():
         arrays.append(
             {
@@ -31,8 +31,8 @@ def inspect_cache(url: str, reader: CacheReader | None = None) -> dict[str, Any]
                 "bytes": _array_bytes(reader, spec.name),
             }
         )
-    sizes = [a["bytes"] for a in arrays]
-    total = None if any(s is None for s in sizes) else sum(sizes)
+    sizes: list[int | None] = [a["bytes"] for a in arrays]
+    total = None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
     done = reader.completed()
     rows_done = sum(r.rows for r in done.values())
     tokens_done = rows_done * m.seq_len

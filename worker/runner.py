@@ -105,7 +105,7 @@ def prepare_job(
     spec: JobSpec, base_dir: str | os.PathLike[str] | None = None, plan: JobPlan | None = None
 ) -> PreparedJob:
     """Resolve ``spec``, load its teacher and dataset; every spec problem raises SpecError."""
-    plan = plan or resolve_job(spec, base_dir)
+    plan = plan or resolve_job(spec, None if base_dir is None else Path(base_dir))
     teacher = load_teacher(plan.spec.teacher)
     source = open_source(plan.spec.dataset, plan.spec.teacher.hf)
     if source.num_rows < 1:

@@ -1,0 +1,60 @@
+# kdcache: `make demo` and `make test` each create .venv and install what they need.
+# CPU torch where there is no GPU; GPU users: see README ("CUDA build").
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Set TORCH_INDEX (e.g. https://download.pytorch.org/whl/cu128) to pick a CUDA build.
+TORCH_INDEX ?=
+EXTRAS ?= worker,service,client,s3,dev
+STAMP := $(VENV)/.kdcache-installed
+PYTEST_ARGS ?=
+
+.PHONY: env test lint typecheck pytest demo bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if [ -n "$(TORCH_INDEX)" ]; then \
+	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)"; \
+	  elif command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	  else \
+	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" \
+	      || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	  fi; \
+	fi
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping of an editable install, so it checks the
+# packages through a tree of symlinks named as they are imported.
+typecheck: $(STAMP)
+	@rm -rf build/mypy && mkdir -p build/mypy/kdcache
+	@for d in core worker service client cli; do ln -s ../../../$$d build/mypy/kdcache/$$d; done
+	MYPYPATH=build/mypy $(VENV)/bin/mypy -p kdcache.core -p kdcache.worker -p kdcache.service \
+	  -p kdcache.client -p kdcache.cli
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) bench/teacher_pass.py
+	$(PY) bench/stream.py
+	$(PY) bench/serve.py
+
+clean:
+	rm -rf build demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,216 @@
+"""The job store's tables, its engine, and the versioned schema.
+
+SQLite (WAL) is the embedded default; any SQLAlchemy URL works, PostgreSQL being the other one
+meant for production. Times are epoch seconds (float) in every dialect.
+
+On SQLite every write transaction starts with ``BEGIN IMMEDIATE``: the write lock is taken up
+front, so a claim's read-then-update cannot interleave with another claim's (pysqlite's own
+deferred BEGIN would let two transactions read the same pending shard).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Engine,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import StaticPool
+
+from kdcache.service.errors import SchemaVersionError
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "JOB_STATES",
+    "LIVE_JOB_STATES",
+    "SCHEMA_VERSION",
+    "WRITE",
+    "Base",
+    "JobRow",
+    "LeaseRow",
+    "SchemaVersionRow",
+    "ShardRow",
+    "init_schema",
+    "make_engine",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
+ACTIVE_JOB_STATES = ("pending", "running")
+# Jobs a resubmission of the same cache returns instead of creating a new one.
+LIVE_JOB_STATES = ("pending", "running", "done")
+_LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE_JOB_STATES))
+WRITE = "kdcache_write"  # execution option: this connection's transactions take the write lock
+SQLITE_BUSY_MS = 30_000
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the job store's tables."""
+
+
+class SchemaVersionRow(Base):
+    """One row: the schema version the database was created with."""
+
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    """A submitted job: the resolved spec and where it stands."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cache_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    shards_total: Mapped[int] = mapped_column(Integer)
+    rows_total: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    __table_args__ = (
+        # At most one live job per cache: concurrent submits of one spec cannot both create.
+        Index(
+            "uq_jobs_live_cache",
+            "cache_id",
+            unique=True,
+            sqlite_where=text(_LIVE_SQL),
+            postgresql_where=text(_LIVE_SQL),
+        ),
+        Index("ix_jobs_created", "created_at", "id"),
+    )
+
+
+class ShardRow(Base):
+    """One shard of a job: its rows, state, current lease and completion record.
+
+    ``status`` is pending | leased | done. A leased shard whose ``deadline`` has passed is
+    pending again for the next claim. ``carried`` marks a shard found complete at submit time
+    (not written under this job; it does not count towards the job's rate or the metrics).
+    """
+
+    __tablename__ = "shards"
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[int] = mapped_column(Integer)
+    end: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
+    record: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    carried: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
+        Index("ix_shards_claim", "status", "job_id", "shard"),
+    )
+
+
+class LeaseRow(Base):
+    """Every lease ever granted; ``state`` is active | expired | done | failed | released."""
+
+    __tablename__ = "leases"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(32), index=True)
+    shard: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float] = mapped_column(Float)
+
+
+def _sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN (pysqlite's implicit BEGIN is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get(WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and up-front write locks."""
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000},
+            poolclass=StaticPool if memory else None,
+        )
+        _sqlite_hooks(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _stored_version(engine: Engine) -> int | None:
+    if not inspect(engine).has_table(SchemaVersionRow.__tablename__):
+        return None
+    with engine.connect() as conn:
+        found = conn.execute(select(SchemaVersionRow.version)).scalars().all()
+    return max(found) if found else None
+
+
+def init_schema(engine: Engine) -> int:
+    """Create the tables if needed and check the stored schema version; returns it.
+
+    Refuses (:class:`SchemaVersionError`) a database written by a newer kdcache, whose tables
+    this code would misread, and an older version it has no migration from.
+    """
+    found = _stored_version(engine)
+    if found is not None and found != SCHEMA_VERSION:
+        newer = found > SCHEMA_VERSION
+        raise SchemaVersionError(
+            f"the job database has schema version {found}; this kdcache "
+            + (
+                f"only knows versions up to {SCHEMA_VERSION}: upgrade kdcache"
+                if newer
+                else f"needs version {SCHEMA_VERSION} and has no migration from {found}"
+            )
+        )
+    with engine.execution_options(**{WRITE: True}).begin() as conn:
+        Base.metadata.create_all(conn)
+        if conn.execute(select(SchemaVersionRow.version)).first() is None:
+            conn.execute(
+                SchemaVersionRow.__table__.insert().values(
+                    version=SCHEMA_VERSION, applied_at=time.time()
+                )
+            )
+            log.info("created job store schema version %d", SCHEMA_VERSION)
+    return SCHEMA_VERSION

@@ -1,0 +1,407 @@
+"""The job store: jobs, their shards and caches, on SQLAlchemy (SQLite or PostgreSQL).
+
+Leases live in :mod:`kdcache.service.leasing` (``store.leases``); this module owns the engine,
+sessions, submission, listing and the Job view with its progress numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import case, func, select, text
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlalchemy.orm import Session
+
+from kdcache.core.format import shard_rows
+from kdcache.core.resolve import JobPlan
+from kdcache.core.shards import ShardRecord, list_records
+from kdcache.core.storage import open_storage
+from kdcache.service.db import (
+    ACTIVE_JOB_STATES,
+    JOB_STATES,
+    LIVE_JOB_STATES,
+    WRITE,
+    JobRow,
+    LeaseRow,
+    ShardRow,
+    init_schema,
+    make_engine,
+)
+from kdcache.service.errors import Conflict, NotFound
+from kdcache.service.schemas import CacheDetail, CacheSummary, Job
+
+__all__ = ["JobStore", "MetricsSnapshot", "cache_url"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_url(root: str, cache_id: str) -> str:
+    """Where a cache lives under a storage root: ``<root>/caches/<cache_id>``."""
+    return f"{root.rstrip('/')}/caches/{cache_id}"
+
+
+def _iso(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class _Stats:
+    shards_done: int = 0
+    rows_done: int = 0
+    tokens_done: int = 0
+    fresh_rows: int = 0
+    fresh_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Counters derived from the database (the same from every service process)."""
+
+    jobs: dict[str, int]
+    shards_done: int
+    tokens_written: int
+    lease_expiries: int
+
+
+class JobStore:
+    """Jobs and shards in a database; safe to share between threads and processes."""
+
+    def __init__(
+        self, db_url: str, root: str, *, lease_seconds: float = 120.0, max_attempts: int = 3
+    ) -> None:
+        from kdcache.service.leasing import LeaseBook
+
+        self.root = root
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.engine = make_engine(db_url)
+        self._write_engine = self.engine.execution_options(**{WRITE: True})
+        self.leases = LeaseBook(self)
+
+    def open(self) -> None:
+        """Create or check the schema (refuses a newer one)."""
+        init_schema(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads (no write lock)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that holds the write lock from its start (SQLite) and commits on exit."""
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def cache_url(self, cache_id: str) -> str:
+        return cache_url(self.root, cache_id)
+
+    def ping(self) -> None:
+        with self.read() as s:
+            s.execute(text("SELECT 1"))
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def _stats(self, s: Session, job_ids: Sequence[str]) -> dict[str, _Stats]:
+        if not job_ids:
+            return {}
+        done = ShardRow.status == "done"
+        fresh = done & ~ShardRow.carried
+        rows = ShardRow.end - ShardRow.start
+        q = (
+            select(
+                ShardRow.job_id,
+                func.sum(case((done, 1), else_=0)),
+                func.sum(case((done, rows), else_=0)),
+                func.sum(case((done, ShardRow.tokens), else_=0)),
+                func.sum(case((fresh, rows), else_=0)),
+                func.sum(case((fresh, ShardRow.tokens), else_=0)),
+            )
+            .where(ShardRow.job_id.in_(job_ids))
+            .group_by(ShardRow.job_id)
+        )
+        return {r[0]: _Stats(*(int(v or 0) for v in r[1:])) for r in s.execute(q)}
+
+    def job_view(self, row: JobRow, stats: _Stats, now: float | None = None) -> Job:
+        """The API's Job, with rate and ETA from the shards completed under this job."""
+        now = time.time() if now is None else now
+        tokens_per_s = eta_s = None
+        if row.started_at is not None and stats.fresh_tokens > 0:
+            until = row.finished_at if row.finished_at is not None else now
+            elapsed = max(until - row.started_at, 1e-3)
+            tokens_per_s = stats.fresh_tokens / elapsed
+            if row.status == "running" and stats.fresh_rows > 0:
+                eta_s = (row.rows_total - stats.rows_done) / (stats.fresh_rows / elapsed)
+        if row.status == "done":
+            eta_s = 0.0
+        return Job(
+            id=row.id,
+            cache_id=row.cache_id,
+            name=row.name,
+            status=row.status,  # type: ignore[arg-type]  # the column only holds JOB_STATES
+            shards_total=row.shards_total,
+            shards_done=stats.shards_done,
+            rows_total=row.rows_total,
+            rows_done=stats.rows_done,
+            tokens_done=stats.tokens_done,
+            tokens_per_s=tokens_per_s,
+            eta_s=eta_s,
+            error=row.error,
+            spec=row.spec,  # type: ignore[arg-type]  # validated into a JobSpec
+            cache_url=self.cache_url(row.cache_id),
+            created_at=_iso(row.created_at),
+            updated_at=_iso(row.updated_at),
+        )
+
+    def view(self, s: Session, row: JobRow) -> Job:
+        return self.job_view(row, self._stats(s, [row.id]).get(row.id, _Stats()))
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job:
+        with self.read() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            return self.view(s, row)
+
+    def list_jobs(self, status: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        """Jobs, newest first."""
+        with self.read() as s:
+            q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+            if status is not None:
+                q = q.where(JobRow.status == status)
+            rows = list(s.scalars(q.limit(limit).offset(offset)))
+            stats = self._stats(s, [r.id for r in rows])
+            now = time.time()
+            return [self.job_view(r, stats.get(r.id, _Stats()), now) for r in rows]
+
+    def _live_job(self, s: Session, cache_id: str) -> JobRow | None:
+        q = select(JobRow).where(JobRow.cache_id == cache_id, JobRow.status.in_(LIVE_JOB_STATES))
+        return s.scalars(q.limit(1)).first()
+
+    def _carried_records(self, cache_id: str, num_rows: int, per: int) -> dict[int, dict[str, Any]]:
+        """Shards already complete for this cache: earlier jobs' and the cache's own records."""
+        found: dict[int, dict[str, Any]] = {}
+        with self.read() as s:
+            q = (
+                select(ShardRow.shard, ShardRow.record)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(JobRow.cache_id == cache_id, ShardRow.status == "done")
+            )
+            for shard, record in s.execute(q):
+                if record is not None:
+                    found.setdefault(shard, record)
+        try:
+            on_disk: Mapping[int, ShardRecord] = list_records(
+                open_storage(self.cache_url(cache_id))
+            )
+        except OSError as err:
+            log.warning("cannot list completion records of %s: %s", cache_id, err)
+            on_disk = {}
+        for shard, rec in on_disk.items():
+            found.setdefault(shard, asdict(rec))
+        valid = {}
+        for shard, rec in found.items():
+            try:
+                ok = shard_rows(shard, per, num_rows) == (rec.get("start"), rec.get("end"))
+            except IndexError:
+                ok = False
+            if ok:
+                valid[shard] = rec
+        return valid
+
+    def submit(self, plan: JobPlan) -> tuple[Job, bool]:
+        """The live job of ``plan``'s cache (False), or a new one (True).
+
+        A new job keeps every shard already complete for this cache (from earlier failed or
+        cancelled jobs, or completion records in the cache itself).
+        """
+        if plan.num_rows is None or plan.num_shards is None:
+            raise ValueError("submit needs a plan whose rows are known")
+        cache_id, per = plan.cache_id, plan.spec.rows_per_shard
+        with self.read() as s:
+            live = self._live_job(s, cache_id)
+            if live is not None:
+                return self.view(s, live), False
+        carried = self._carried_records(cache_id, plan.num_rows, per)
+        now = time.time()
+        job_id = uuid.uuid4().hex
+        all_done = len(carried) == plan.num_shards
+        try:
+            with self.write() as s:
+                live = self._live_job(s, cache_id)
+                if live is not None:
+                    return self.view(s, live), False
+                s.add(
+                    JobRow(
+                        id=job_id,
+                        cache_id=cache_id,
+                        name=plan.spec.name,
+                        status="done" if all_done else "pending",
+                        spec=plan.spec.model_dump(mode="json"),
+                        shards_total=plan.num_shards,
+                        rows_total=plan.num_rows,
+                        seq_len=plan.seq_len,
+                        created_at=now,
+                        updated_at=now,
+                        finished_at=now if all_done else None,
+                    )
+                )
+                s.flush()
+                s.add_all(self._shard_rows(job_id, plan.num_shards, per, plan.num_rows, carried))
+        except DBIntegrityError:
+            # Another submit of the same cache won the race (PostgreSQL; SQLite serialises).
+            with self.read() as s:
+                live = self._live_job(s, cache_id)
+                if live is None:
+                    raise
+                return self.view(s, live), False
+        log.info("job %s: cache %s, %d shards (%d already done)", job_id, cache_id,
+                 plan.num_shards, len(carried))
+        return self.get_job(job_id), True
+
+    @staticmethod
+    def _shard_rows(
+        job_id: str, n: int, per: int, num_rows: int, carried: Mapping[int, dict[str, Any]]
+    ) -> Iterator[ShardRow]:
+        for i in range(n):
+            start, end = shard_rows(i, per, num_rows)
+            rec = carried.get(i)
+            yield ShardRow(
+                job_id=job_id,
+                shard=i,
+                start=start,
+                end=end,
+                status="done" if rec is not None else "pending",
+                attempts=0,
+                record=rec,
+                tokens=int(rec.get("tokens", 0)) if rec is not None else 0,
+                carried=rec is not None,
+            )
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a pending or running job; leased shards learn it at their next heartbeat."""
+        with self.write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"no job {job_id!r}")
+            if row.status == "done":
+                raise Conflict(f"job {job_id} is done; nothing to cancel")
+            if row.status in ACTIVE_JOB_STATES:
+                now = time.time()
+                row.status, row.updated_at, row.finished_at = "cancelled", now, now
+                log.info("job %s cancelled", job_id)
+            return self.view(s, row)
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def _latest_jobs(self, s: Session, cache_id: str | None = None) -> list[JobRow]:
+        q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+        if cache_id is not None:
+            q = q.where(JobRow.cache_id == cache_id)
+        seen: dict[str, JobRow] = {}
+        for row in s.scalars(q):
+            seen.setdefault(row.cache_id, row)
+        return list(seen.values())
+
+    def list_caches(self) -> list[CacheSummary]:
+        with self.read() as s:
+            rows = self._latest_jobs(s)
+            stats = self._stats(s, [r.id for r in rows])
+            out = []
+            for r in rows:
+                st = stats.get(r.id, _Stats())
+                out.append(
+                    CacheSummary(
+                        cache_id=r.cache_id,
+                        name=r.name,
+                        job_id=r.id,
+                        status=r.status,  # type: ignore[arg-type]
+                        shards_done=st.shards_done,
+                        shards_total=r.shards_total,
+                        rows_done=st.rows_done,
+                        num_rows=r.rows_total,
+                    )
+                )
+            return out
+
+    def completed_records(self, cache_id: str) -> tuple[JobRow, dict[int, dict[str, Any]]]:
+        """The cache's latest job and every completed shard's record (over all its jobs)."""
+        with self.read() as s:
+            latest = self._latest_jobs(s, cache_id)
+            if not latest:
+                raise NotFound(f"no cache {cache_id!r}")
+            q = (
+                select(ShardRow.shard, ShardRow.record)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(JobRow.cache_id == cache_id, ShardRow.status == "done")
+                .order_by(ShardRow.shard)
+            )
+            records: dict[int, dict[str, Any]] = {}
+            for shard, rec in s.execute(q):
+                if rec is not None:
+                    records.setdefault(shard, rec)
+            return latest[0], records
+
+    def cache_detail(self, cache_id: str, manifest: dict[str, Any] | None) -> CacheDetail:
+        job, records = self.completed_records(cache_id)
+        return CacheDetail(
+            cache_id=cache_id,
+            manifest=manifest,
+            shards_total=job.shards_total,
+            shards_done=len(records),
+            complete=len(records) == job.shards_total,
+            completed=[records[k] for k in sorted(records)],
+        )
+
+    def has_cache(self, cache_id: str) -> bool:
+        with self.read() as s:
+            q = select(JobRow.id).where(JobRow.cache_id == cache_id).limit(1)
+            return s.execute(q).first() is not None
+
+    def shard_done(self, cache_id: str, shard: int) -> bool:
+        """True once any job of this cache completed ``shard``."""
+        with self.read() as s:
+            q = (
+                select(ShardRow.shard)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(
+                    JobRow.cache_id == cache_id,
+                    ShardRow.shard == shard,
+                    ShardRow.status == "done",
+                )
+                .limit(1)
+            )
+            return s.execute(q).first() is not None
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def metrics(self) -> MetricsSnapshot:
+        with self.read() as s:
+            jobs = dict.fromkeys(JOB_STATES, 0)
+            for state, n in s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)):
+                jobs[state] = int(n)
+            fresh = (ShardRow.status == "done") & ~ShardRow.carried
+            shards, tokens = s.execute(
+                select(func.count(), func.coalesce(func.sum(ShardRow.tokens), 0)).where(fresh)
+            ).one()
+            expiries = s.execute(
+                select(func.count()).select_from(LeaseRow).where(LeaseRow.state == "expired")
+            ).scalar_one()
+            return MetricsSnapshot(jobs, int(shards), int(tokens), int(expiries))

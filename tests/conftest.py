@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny offline assets, built once per test session.
+
+Sizes (see :mod:`kdcache.worker.toy`): teachers have V=320, d=32, 128 positions; the tokenizer is a
+byte-level BPE of vocab 320 with EOS=0, PAD=1, BOS=2, so its ids are valid teacher ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdcache.worker import toy
+
+TINY_VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the tiny tokenizer."""
+    return toy.make_tokenizer(tmp_path_factory.mktemp("tokenizer"), vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama HF directory (safetensors) with the tiny tokenizer saved next to it."""
+    path = toy.make_tiny_teacher(
+        tmp_path_factory.mktemp("teacher-llama"), arch="llama", vocab_size=TINY_VOCAB
+    )
+    return toy.make_tokenizer(path, vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer GPT-2 HF directory (no tokenizer): tied embeddings, learned positions."""
+    return toy.make_tiny_teacher(
+        tmp_path_factory.mktemp("teacher-gpt2"), arch="gpt2", vocab_size=TINY_VOCAB, num_layers=3
+    )
+
+
+@pytest.fixture(scope="session")
+def tokens_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (8, 16) int32 ``.npy`` of random ids below TINY_VOCAB."""
+    return toy.make_tokens(
+        tmp_path_factory.mktemp("data") / "tokens.npy", 8, 16, TINY_VOCAB, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def docs_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JSON lines, one ``{"text": ...}`` per line, from ``toy.SAMPLE_TEXTS``."""
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in toy.SAMPLE_TEXTS))
+    return path

@@ -1,0 +1,142 @@
+"""Workers that die or are stopped mid-shard: the job still completes with the embedded cache's
+bytes, and readers never see rows of a shard that is not complete."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fleet_helpers import (
+    Fleet,
+    assert_same_cache,
+    embedded_cache,
+    records_by_writer,
+    slow_spec,
+    wait_for,
+)
+
+from kdcache.client import TeacherCache
+from kdcache.core.errors import KDCacheError, ShardIncompleteError
+from kdcache.core.reader import CacheReader
+
+pytestmark = pytest.mark.integration
+
+SLEEP = 0.3  # seconds per forward of one row: a shard of 4 rows takes ~1.2 s
+
+
+def _mid_shard(fleet: Fleet, proc: subprocess.Popen[bytes], job_id: str) -> None:
+    """Wait until ``proc`` runs a teacher forward of ``job_id`` (it holds a lease)."""
+    marker = fleet.markers / str(proc.pid)
+    wait_for(marker.exists, 60, f"worker {proc.pid} to start a shard", fleet.all_logs)
+    assert proc.poll() is None, fleet.log_of(proc)
+    assert fleet.job(job_id)["status"] == "running"
+
+
+class PollingReaders(threading.Thread):
+    """Reads every shard over HTTP (TeacherCache) and from the directory (CacheReader) while
+    the job runs; a completed shard must give the reference values, any other must refuse."""
+
+    def __init__(self, url: str, directory: Path, reference: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.directory = url, directory
+        self.ref_cache, self.ref = TeacherCache(reference), CacheReader(reference)
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.seen = {"complete": 0, "incomplete": 0}
+
+    def _open(self) -> tuple[TeacherCache, CacheReader] | None:
+        try:
+            return TeacherCache(self.url), CacheReader(str(self.directory))
+        except (KDCacheError, FileNotFoundError):
+            return None  # not created yet
+
+    def _check(self, remote: TeacherCache, local: CacheReader) -> None:
+        m = self.ref.manifest
+        for shard in range(m.num_shards):
+            rows = list(range(*m.shard_rows(shard)))
+            try:
+                got = remote.batch(rows)
+            except ShardIncompleteError:
+                self.seen["incomplete"] += 1
+            else:
+                self.seen["complete"] += 1
+                want = self.ref_cache.batch(rows)
+                bad = [k for k in want if not torch.equal(got[k], want[k])]
+                if bad:
+                    self.errors.append(f"http: shard {shard} differs in {bad}")
+            for spec in m.arrays():
+                try:
+                    arr = local.read(spec.name, rows)
+                except ShardIncompleteError:
+                    continue
+                if not np.array_equal(arr, self.ref.read(spec.name, rows)):
+                    self.errors.append(f"dir: shard {shard} differs in {spec.name}")
+
+    def run(self) -> None:
+        readers = None
+        while not self.stop.wait(0.1):
+            readers = readers or self._open()
+            if readers is not None:
+                try:
+                    self._check(*readers)
+                except Exception as err:  # recorded; the test asserts there is none
+                    self.errors.append(f"{type(err).__name__}: {err}")
+
+
+def test_killed_worker_shard_is_redone(
+    fleet_factory: Callable[..., Fleet], slow_tokens: Path, tmp_path: Path
+) -> None:
+    spec = slow_spec(slow_tokens)
+    reference = embedded_cache(spec, tmp_path / "embedded")
+    fleet = fleet_factory(sleep=SLEEP)
+    job = fleet.submit(spec)
+    directory = fleet.root / "caches" / job["cache_id"]
+    readers = PollingReaders(fleet.cache_url(job["cache_id"]), directory, reference)
+    readers.start()
+    try:
+        victim = fleet.worker()
+        _mid_shard(fleet, victim, job["id"])
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        survivor = fleet.worker()
+        done = fleet.wait_job(job["id"], timeout=90)
+        assert fleet.wait_exit(survivor) == 0, fleet.log_of(survivor)
+    finally:
+        readers.stop.set()
+        readers.join(timeout=30)
+    assert done["shards_done"] == 3
+    # the victim completed nothing: its shard was redone after its lease expired
+    assert set(records_by_writer(str(directory)).values()) == {survivor.pid}
+    assert_same_cache(str(directory), reference)
+    assert readers.errors == []
+    assert readers.seen["incomplete"] > 0, readers.seen
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["finish", "release"])
+def test_sigterm_finishes_or_releases_the_shard(
+    fleet_factory: Callable[..., Fleet], slow_tokens: Path, tmp_path: Path, release: bool
+) -> None:
+    spec = slow_spec(slow_tokens)
+    fleet = fleet_factory(sleep=SLEEP)
+    job = fleet.submit(spec)
+    first = fleet.worker(*(["--release-on-term"] if release else []))
+    _mid_shard(fleet, first, job["id"])
+    first.send_signal(signal.SIGTERM)
+    assert fleet.wait_exit(first, timeout=30) == 0, fleet.log_of(first)
+    log = fleet.log_of(first)
+    directory = str(fleet.root / "caches" / job["cache_id"])
+    by_first = [s for s, pid in records_by_writer(directory).items() if pid == first.pid]
+    if release:
+        assert "releasing" in log and by_first == [], log
+    else:
+        assert "finishing the current shard" in log and len(by_first) == 1, log
+    second = fleet.worker()
+    fleet.wait_job(job["id"], timeout=90)
+    assert fleet.wait_exit(second) == 0, fleet.log_of(second)
+    assert_same_cache(directory, embedded_cache(spec, tmp_path / "embedded"))

@@ -1,0 +1,395 @@
+"""The lease loop: a worker claims shards from the service, computes and writes them, reports back.
+
+One worker per GPU, several per machine, all writing to the storage root directly::
+
+    claim (POST /v1/leases) -> 204: sleep, claim again (exit after ``max_idle`` idle seconds)
+                            -> 200 Lease: load the job's teacher (once per job), compute the
+                               shard, write every array's shard, POST complete (the service
+                               publishes the completion record); heartbeat meanwhile
+
+A heartbeat answering ``lease_lost`` or ``job_cancelled`` abandons the shard at the next batch
+boundary (the service has given it to someone else, or nobody wants it); it is never completed.
+Bad jobs (:class:`DatasetError`, :class:`SpecError`, :class:`TeacherError`) fail the lease for
+good; anything else fails it retryably, and the worker goes on. ``stop_event`` (the CLI's first
+SIGTERM) finishes the current shard and returns; ``abort_event`` (a second SIGTERM, or the first
+with ``--release-on-term``) hands the current shard back to the queue and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import httpx
+import torch
+
+from kdcache.core.errors import (
+    DatasetError,
+    ManifestMismatchError,
+    ServiceError,
+    SpecError,
+    TeacherError,
+)
+from kdcache.core.shards import ShardRecord
+from kdcache.core.spec import parse_spec
+from kdcache.core.writer import CacheWriter
+from kdcache.worker.runner import PreparedJob, ShardRunner, cache_url, prepare_job
+from kdcache.worker.teachers import Teacher, TeacherOutput
+
+__all__ = ["Lease", "WorkerStats", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = frozenset({500, 502, 503, 504})
+_PERMANENT = (DatasetError, SpecError, TeacherError)
+_MAX_MESSAGE = 20_000  # the service caps error messages; keep the head, where the cause is
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One shard handed to this worker until ``lease_seconds`` pass without a heartbeat."""
+
+    id: str
+    job_id: str
+    cache_id: str
+    shard: int
+    start: int
+    end: int
+    lease_seconds: float
+    spec: dict[str, Any]
+    cache_url: str
+    attempt: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Lease:
+        return cls(
+            id=str(d["id"]),
+            job_id=str(d["job_id"]),
+            cache_id=str(d["cache_id"]),
+            shard=int(d["shard"]),
+            start=int(d["start"]),
+            end=int(d["end"]),
+            lease_seconds=float(d.get("lease_seconds") or 120.0),
+            spec=dict(d["spec"]),
+            cache_url=str(d["cache_url"]),
+            attempt=int(d.get("attempt") or 1),
+        )
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did: shards completed, failed, abandoned (lost/cancelled) or released."""
+
+    completed: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    released: int = 0
+    rows: int = 0
+    exit_reason: str = ""
+    outcomes: list[str] = field(default_factory=list)
+
+
+class _ShardAbandoned(Exception):
+    """Private signal: stop computing this shard (lease lost, job cancelled or worker aborting)."""
+
+
+class _Service:
+    """The few REST calls a worker makes; retries connection errors and 5xx for ``retry_for`` s."""
+
+    def __init__(self, server: str, token: str | None, retry_for: float) -> None:
+        self.server = server.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=30.0)
+        self.retry_for = retry_for
+
+    def post(
+        self, path: str, body: dict[str, Any] | None = None, retry: bool = True
+    ) -> httpx.Response:
+        deadline, delay = time.monotonic() + (self.retry_for if retry else 0.0), 0.5
+        while True:
+            try:
+                resp = self.http.post(path, json=body)
+            except httpx.TransportError as err:
+                if time.monotonic() + delay > deadline:
+                    raise ServiceError(
+                        f"cannot reach {self.server}: {type(err).__name__}: {err}",
+                        status=0,
+                        code="unreachable",
+                    ) from None
+                log.warning("POST %s: %s; retrying in %.1fs", path, err, delay)
+            else:
+                if resp.status_code in (401, 403):
+                    raise ServiceError(
+                        f"{self.server} refused the worker ({resp.status_code}): set "
+                        "KDCACHE_TOKEN (or --token) to the service's worker token",
+                        status=resp.status_code,
+                        code=_error_code(resp),
+                    )
+                if resp.status_code not in _RETRY_STATUS or time.monotonic() + delay > deadline:
+                    return resp
+                log.warning("POST %s: HTTP %d; retrying in %.1fs", path, resp.status_code, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _error_code(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{resp.status_code}"
+
+
+def _says_cancelled(resp: httpx.Response) -> bool:
+    try:
+        return bool(resp.json().get("cancelled"))
+    except (ValueError, AttributeError):
+        return False
+
+
+class _Heartbeat(threading.Thread):
+    """Extends a lease every ``lease_seconds / 3``; sets ``lost`` (the error code) when refused."""
+
+    def __init__(self, service: _Service, lease: Lease) -> None:
+        super().__init__(name=f"kdcache-heartbeat-{lease.shard}", daemon=True)
+        self.service, self.lease = service, lease
+        self.lost: str | None = None
+        self.lost_event = threading.Event()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        interval = max(0.1, self.lease.lease_seconds / 3)
+        path = f"/v1/leases/{self.lease.id}/heartbeat"
+        while not self._stop_event.wait(interval):
+            try:
+                resp = self.service.post(path, retry=False)
+            except ServiceError as err:  # the next beat tries again; the deadline decides
+                log.warning("heartbeat of shard %d failed: %s", self.lease.shard, err)
+                continue
+            if resp.status_code == 409 or (resp.is_success and _says_cancelled(resp)):
+                self.lost = _error_code(resp) if resp.status_code == 409 else "job_cancelled"
+                self.lost_event.set()
+                return
+            if not resp.is_success:
+                log.warning("heartbeat of shard %d: HTTP %d", self.lease.shard, resp.status_code)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5.0)
+
+
+class _GuardedTeacher:
+    """A teacher that refuses the next batch once ``should_stop()`` (abandon between batches)."""
+
+    def __init__(self, inner: Teacher, should_stop: Callable[[], bool]) -> None:
+        self.inner, self.should_stop = inner, should_stop
+        self.vocab_size = inner.vocab_size
+        self.num_layers = inner.num_layers
+        self.hidden_size = inner.hidden_size
+        self.max_positions = inner.max_positions
+        self.dtype = inner.dtype
+        self.device = inner.device
+        self.description = inner.description
+
+    def forward(self, ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
+        if self.should_stop():
+            raise _ShardAbandoned
+        return self.inner.forward(ids, layers)
+
+
+class _JobCache:
+    """The last job's loaded teacher and open writer, so a teacher loads once per job."""
+
+    def __init__(self, device: str | None, root_override: str | None) -> None:
+        self.device, self.root_override = device, root_override
+        self.job_id: str | None = None
+        self.entry: tuple[PreparedJob, CacheWriter] | None = None
+
+    def get(self, lease: Lease) -> tuple[PreparedJob, CacheWriter]:
+        if self.entry is not None and self.job_id == lease.job_id:
+            return self.entry
+        self.entry = self.job_id = None  # free the previous teacher before loading the next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        spec = parse_spec(lease.spec)
+        if self.device:
+            spec = spec.model_copy(
+                update={"teacher": spec.teacher.model_copy(update={"device": self.device})}
+            )
+        log.info("loading job %s (cache %s)", lease.job_id, lease.cache_id)
+        job = prepare_job(spec)
+        if job.manifest.cache_id != lease.cache_id:
+            raise ManifestMismatchError(
+                f"this worker resolves job {lease.job_id} to cache {job.manifest.cache_id}, the "
+                f"service to {lease.cache_id}: its teacher or dataset files differ here"
+            )
+        url = cache_url(self.root_override, lease.cache_id) if self.root_override else None
+        writer = CacheWriter.open(url or lease.cache_url, job.manifest)
+        self.entry, self.job_id = (job, writer), lease.job_id
+        return self.entry
+
+
+def _compute_and_write(
+    lease: Lease, jobs: _JobCache, should_stop: Callable[[], bool]
+) -> ShardRecord:
+    job, writer = jobs.get(lease)
+    want = job.manifest.shard_rows(lease.shard)
+    if want != (lease.start, lease.end):
+        raise ManifestMismatchError(
+            f"lease of shard {lease.shard} covers rows {lease.start}..{lease.end}, the cache's "
+            f"shard is rows {want[0]}..{want[1]}"
+        )
+    runner = ShardRunner(replace(job, teacher=_GuardedTeacher(job.teacher, should_stop)), writer)
+    data = runner.compute(lease.shard)
+    if should_stop():  # someone else owns the shard now: do not overwrite their arrays
+        raise _ShardAbandoned
+    return runner.write(lease.shard, data, commit=False)
+
+
+def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Event) -> str:
+    """Run one lease to its end; returns completed | failed | abandoned | released."""
+    beat = _Heartbeat(service, lease)
+    beat.start()
+    t0 = time.perf_counter()
+    fail: dict[str, Any] | None = None
+    record: ShardRecord | None = None
+    try:
+        record = _compute_and_write(lease, jobs, lambda: beat.lost_event.is_set() or abort.is_set())
+    except _ShardAbandoned:
+        pass
+    except _PERMANENT as err:
+        log.error("shard %d of job %s: %s", lease.shard, lease.job_id, err)
+        fail = {"message": str(err)[:_MAX_MESSAGE], "retryable": False}
+    except Exception as err:  # any other failure may be this machine's: let another worker retry
+        log.exception("shard %d of job %s failed", lease.shard, lease.job_id)
+        fail = {"message": f"{type(err).__name__}: {err}"[:_MAX_MESSAGE], "retryable": True}
+    finally:
+        beat.stop()
+    if beat.lost is not None:
+        log.warning("abandoned shard %d of job %s: %s", lease.shard, lease.job_id, beat.lost)
+        return "abandoned"
+    if record is None:
+        outcome = "failed" if fail is not None else "released"
+        if fail is None:  # the worker itself is stopping: hand the shard back to the queue
+            fail = {"message": f"released by worker {os.getpid()} (stopping)", "retryable": True}
+            log.warning("releasing shard %d of job %s", lease.shard, lease.job_id)
+        resp = service.post(f"/v1/leases/{lease.id}/fail", fail)
+        if not resp.is_success:
+            log.warning("fail of shard %d: HTTP %d %s", lease.shard, resp.status_code, resp.text)
+        return outcome
+    resp = service.post(f"/v1/leases/{lease.id}/complete", {"record": asdict(record)})
+    if resp.status_code == 409:
+        log.warning(
+            "shard %d of job %s: %s at complete", lease.shard, lease.job_id, _error_code(resp)
+        )
+        return "abandoned"
+    if not resp.is_success:
+        log.error("complete of shard %d: HTTP %d %s", lease.shard, resp.status_code, resp.text)
+        return "failed"
+    seconds = time.perf_counter() - t0
+    log.info(
+        "completed shard %d of job %s: %d rows in %.2fs (%.0f tokens/s)",
+        lease.shard,
+        lease.job_id,
+        record.rows,
+        seconds,
+        record.tokens / seconds if seconds > 0 else 0.0,
+    )
+    return "completed"
+
+
+def _claim(service: _Service, worker_id: str, job_id: str | None) -> Lease | None:
+    resp = service.post("/v1/leases", {"worker": worker_id, "job_id": job_id})
+    if resp.status_code == 204:
+        return None
+    if not resp.is_success:
+        raise ServiceError(
+            f"POST /v1/leases: HTTP {resp.status_code} {resp.text[:300]}",
+            status=resp.status_code,
+            code=_error_code(resp),
+        )
+    return Lease.from_dict(resp.json())
+
+
+def run_worker(
+    server: str,
+    *,
+    token: str | None = None,
+    worker_id: str | None = None,
+    device: str | None = None,
+    root_override: str | None = None,
+    job_id: str | None = None,
+    poll_interval: float = 2.0,
+    max_idle: float | None = None,
+    once: bool = False,
+    stop_event: threading.Event | None = None,
+    abort_event: threading.Event | None = None,
+    retry_for: float = 60.0,
+) -> WorkerStats:
+    """Claim and run shards until stopped, idle for ``max_idle`` s, or (``once``) one lease.
+
+    ``device`` overrides the spec's teacher device (one worker per GPU: ``cuda:N``);
+    ``root_override`` writes to ``<root>/caches/<cache_id>`` instead of the lease's cache URL
+    (the same storage mounted elsewhere). Raises :class:`ServiceError` when the service stays
+    unreachable for ``retry_for`` seconds or refuses the token.
+    """
+    stop = stop_event or threading.Event()
+    abort = abort_event or threading.Event()
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device or 'auto'}"
+    stats = WorkerStats()
+    service = _Service(server, token, retry_for)
+    jobs = _JobCache(device, root_override)
+    idle_since = time.monotonic()
+    log.info("worker %s polling %s", worker_id, service.server)
+    try:
+        while True:
+            if abort.is_set() or stop.is_set():
+                stats.exit_reason = "stopped"
+                break
+            lease = _claim(service, worker_id, job_id)
+            if lease is None:
+                idle = time.monotonic() - idle_since
+                if once or (max_idle is not None and idle >= max_idle):
+                    stats.exit_reason = "idle"
+                    break
+                left = poll_interval if max_idle is None else min(poll_interval, max_idle - idle)
+                stop.wait(max(0.0, left))
+                continue
+            log.info(
+                "leased shard %d (rows %d..%d) of job %s, attempt %d",
+                lease.shard,
+                lease.start,
+                lease.end,
+                lease.job_id,
+                lease.attempt,
+            )
+            outcome = _work(service, jobs, lease, abort)
+            stats.outcomes.append(outcome)
+            setattr(stats, outcome, getattr(stats, outcome) + 1)
+            if outcome == "completed":
+                stats.rows += lease.end - lease.start
+            idle_since = time.monotonic()
+            if once:
+                stats.exit_reason = "once"
+                break
+    finally:
+        service.close()
+    log.info(
+        "worker %s exits (%s): %d completed, %d failed, %d abandoned, %d released",
+        worker_id,
+        stats.exit_reason,
+        stats.completed,
+        stats.failed,
+        stats.abandoned,
+        stats.released,
+    )
+    return stats
