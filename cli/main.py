@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,11 +16,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kdcache.core.spec import load_spec
-    from kdcache.worker.runner import run_job
+    from kdcache.core.resolve import load_job
+    from kdcache.worker.runner import prepare_job, run_job
 
-    spec = load_spec(args.job)
-    url = run_job(spec, args.root, base_dir=os.path.dirname(os.path.abspath(args.job)))
+    plan = load_job(args.job)
+    job = prepare_job(plan.spec, plan=plan)
+    url = run_job(plan.spec, args.root, job=job)
     print(url)
     return EXIT_OK
 

@@ -129,6 +129,8 @@ def _install_signals(stop: threading.Event, abort: threading.Event, release: boo
 def _cmd_worker(args: argparse.Namespace) -> int:
     from kdcache.worker.lease import run_worker
 
+    if args.verbose < 2:  # one line per poll drowns what the worker says
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     stop, abort = threading.Event(), threading.Event()
     _install_signals(stop, abort, args.release_on_term)
     token = args.token if args.token is not None else os.environ.get("KDCACHE_TOKEN")

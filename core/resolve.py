@@ -19,9 +19,17 @@ import numpy as np
 from kdcache.core import fingerprint as fp
 from kdcache.core.errors import Problem, SpecError
 from kdcache.core.format import FORMAT_VERSION
-from kdcache.core.spec import JobSpec
+from kdcache.core.spec import JobSpec, parse_spec, read_spec_file
 
-__all__ = ["JobPlan", "TeacherInfo", "read_teacher_config", "resolve_job", "uniform_layers"]
+__all__ = [
+    "JobPlan",
+    "TeacherInfo",
+    "load_job",
+    "plan_from_data",
+    "read_teacher_config",
+    "resolve_job",
+    "uniform_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -296,3 +304,38 @@ def resolve_job(spec: JobSpec, base_dir: str | Path | None = None) -> JobPlan:
         tokenizer_fingerprint=tok_fp,
         layer_map=_layer_map(spec, info),
     )
+
+
+def _raw_path_problems(data: Any, base: Path | None) -> list[Problem]:
+    """Missing files named by a spec that failed structural checks, so all show at once."""
+    out: list[Problem] = []
+    if not isinstance(data, dict):
+        return out
+    teacher, dataset = data.get("teacher"), data.get("dataset")
+    if isinstance(teacher, dict) and isinstance(teacher.get("hf"), str):
+        if not _abs(teacher["hf"], base).is_dir():
+            out.append(Problem("teacher.hf", f"no such directory: {_abs(teacher['hf'], base)}"))
+    if isinstance(dataset, dict):
+        for key in ("tokens", "jsonl"):
+            value = dataset.get(key)
+            if isinstance(value, str) and not _abs(value, base).is_file():
+                out.append(Problem(f"dataset.{key}", f"no such file: {_abs(value, base)}"))
+    return out
+
+
+def plan_from_data(data: Any, base_dir: str | Path | None = None) -> JobPlan:
+    """Validate a decoded spec and resolve it; every problem found is in one SpecError."""
+    base = Path(base_dir) if base_dir is not None else None
+    try:
+        spec = parse_spec(data)
+    except SpecError as err:
+        seen = {p.field for p in err.problems}
+        extra = [p for p in _raw_path_problems(data, base) if p.field not in seen]
+        raise SpecError([*err.problems, *extra]) from None
+    return resolve_job(spec, base)
+
+
+def load_job(path: str | Path) -> JobPlan:
+    """Read, validate and resolve a spec file; relative paths are taken from its folder."""
+    p = Path(path)
+    return plan_from_data(read_spec_file(p), p.absolute().parent)

@@ -24,6 +24,7 @@ __all__ = [
     "TeacherSpec",
     "load_spec",
     "parse_spec",
+    "read_spec_file",
 ]
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -181,6 +182,11 @@ def parse_spec(data: Any) -> JobSpec:
 
 def load_spec(path: str | Path) -> JobSpec:
     """Read a job spec from a YAML or JSON file; relative paths in it stay as written."""
+    return parse_spec(read_spec_file(path))
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """The decoded content of a YAML or JSON spec file (not yet validated)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -190,4 +196,4 @@ def load_spec(path: str | Path) -> JobSpec:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise SpecError([Problem("spec", f"{p} is not valid YAML/JSON: {err}")]) from None
-    return parse_spec(data)
+    return data

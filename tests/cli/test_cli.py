@@ -165,3 +165,13 @@ def test_bad_data_fails_naming_row(
 def test_inspect_missing_cache(tmp_path: Path) -> None:
     res = kdcache("inspect", str(tmp_path / "nothing"))
     assert res.returncode == 1 and "no kdcache cache" in res.stderr
+
+
+def test_shape_and_file_problems_reported_together(tmp_path: Path, tokens_npy: Path) -> None:
+    job = _job(tmp_path, tmp_path / "no-teacher", tokens_npy, teacher__dtype="fp8", batch_size=0)
+    res = kdcache("run", str(job), "--root", str(tmp_path / "root"))
+    assert res.returncode == 2
+    fields = sorted(
+        line.split(":")[1].strip() for line in res.stderr.splitlines() if line.startswith("error:")
+    )
+    assert fields == ["batch_size", "teacher.dtype", "teacher.hf"]

@@ -80,8 +80,13 @@ def test_zarr_fsspec_store_opens_the_served_group(
         f"{fleet.cache_url(job['cache_id'])}/store", read_only=True
     )
     group = zarr.open_group(store, mode="r")
-    assert group.attrs["kdcache"]["cache_id"] == job["cache_id"]
+    manifest = dict(group.attrs["kdcache"])  # type: ignore[arg-type]
+    assert manifest["cache_id"] == job["cache_id"]
     local = zarr.open_group(fleet.root / "caches" / job["cache_id"], mode="r")
     for name in ("input_ids", "topk/logprobs", "topk/indices", "hidden/1"):
-        np.testing.assert_array_equal(group[name][:], local[name][:], err_msg=name)
-    assert group["input_ids"][2:5, 3:7].shape == (3, 4)  # partial reads: HTTP Range
+        remote_arr, local_arr = group[name], local[name]
+        assert isinstance(remote_arr, zarr.Array) and isinstance(local_arr, zarr.Array)
+        np.testing.assert_array_equal(remote_arr[:], local_arr[:], err_msg=name)
+    ids = group["input_ids"]
+    assert isinstance(ids, zarr.Array)
+    assert np.asarray(ids[2:5, 3:7]).shape == (3, 4)  # a partial read: HTTP Range

@@ -1,0 +1,108 @@
+"""Check a cache's manifest against what a student run declares, before any training step.
+
+Training on targets of another tokenizer, vocabulary or layer set gives no error, only a bad
+student; so a run states what it expects and every mismatch is reported at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from kdcache.core.errors import ManifestMismatchError
+from kdcache.core.fingerprint import tokenizer_fingerprint
+from kdcache.core.format import Manifest
+
+__all__ = ["EXPECT_KEYS", "check_expectations"]
+
+EXPECT_KEYS = (
+    "cache_id",
+    "vocab_size",
+    "tokenizer_fingerprint",
+    "tokenizer",
+    "temperatures",
+    "layers",
+    "topk",
+    "seq_len",
+    "teacher_fingerprint",
+    "dataset_fingerprint",
+)
+_TOLERANCE = 1e-6
+
+
+def _same(name: str, want: Any, got: Any, problems: list[str]) -> None:
+    if want != got:
+        problems.append(f"{name}: the run expects {want!r}, the cache has {got!r}")
+
+
+def _tokenizer(m: Manifest, want_fp: str | None, source: str, problems: list[str]) -> None:
+    if want_fp is None:
+        problems.append(f"tokenizer: {source} holds no tokenizer files to fingerprint")
+    elif m.tokenizer_fingerprint is None:
+        problems.append(
+            f"tokenizer: the run expects tokenizer {want_fp}, but the cache records no tokenizer "
+            "fingerprint (it was made from pre-tokenised ids); check vocab_size instead"
+        )
+    elif want_fp != m.tokenizer_fingerprint:
+        problems.append(
+            f"tokenizer: the run's tokenizer {want_fp} ({source}) is not the cache's "
+            f"{m.tokenizer_fingerprint}; the cached targets index another vocabulary"
+        )
+
+
+def check_expectations(manifest: Manifest, expect: Mapping[str, Any] | None) -> None:
+    """Raise :class:`ManifestMismatchError` listing every way ``manifest`` differs from ``expect``.
+
+    ``expect`` keys (all optional): ``cache_id``, ``vocab_size``, ``tokenizer_fingerprint`` or
+    ``tokenizer`` (a tokenizer directory, fingerprinted here), ``temperatures`` (each must be
+    cached), ``layers`` (teacher hidden layers that must be cached), ``topk`` (at least this many
+    cached), ``seq_len`` (at most the cached length), ``teacher_fingerprint``,
+    ``dataset_fingerprint``.
+    """
+    if not expect:
+        return
+    m = manifest
+    problems: list[str] = []
+    unknown = sorted(set(expect) - set(EXPECT_KEYS))
+    if unknown:
+        problems.append(f"expect: unknown keys {unknown}; known keys are {list(EXPECT_KEYS)}")
+    for key in ("cache_id", "vocab_size", "teacher_fingerprint", "dataset_fingerprint"):
+        if expect.get(key) is not None:
+            _same(key, expect[key], getattr(m, key), problems)
+    if expect.get("tokenizer_fingerprint") is not None:
+        _tokenizer(m, str(expect["tokenizer_fingerprint"]), "as declared", problems)
+    if expect.get("tokenizer") is not None:
+        path = os.fspath(expect["tokenizer"])
+        _tokenizer(m, tokenizer_fingerprint(path), path, problems)
+    if expect.get("temperatures") is not None:
+        missing = [
+            float(t)
+            for t in expect["temperatures"]
+            if not any(abs(float(t) - c) <= _TOLERANCE for c in m.temperatures)
+        ]
+        if missing and m.topk:
+            problems.append(
+                f"temperatures: {missing} are not cached; the cache holds {m.temperatures}"
+            )
+        elif missing:
+            problems.append("temperatures: the cache holds no top-k targets (topk = 0)")
+    if expect.get("layers") is not None:
+        missing_layers = sorted(set(int(x) for x in expect["layers"]) - set(m.hidden_layers))
+        if missing_layers:
+            problems.append(
+                f"layers: teacher hidden layers {missing_layers} are not cached; the cache holds "
+                f"{m.hidden_layers}"
+            )
+    if expect.get("topk") is not None and int(expect["topk"]) > m.topk:
+        problems.append(f"topk: the run needs top-{expect['topk']}, the cache holds top-{m.topk}")
+    if expect.get("seq_len") is not None and int(expect["seq_len"]) > m.seq_len:
+        problems.append(
+            f"seq_len: the run trains on {expect['seq_len']} positions, the cache rows hold "
+            f"{m.seq_len}"
+        )
+    if problems:
+        raise ManifestMismatchError(
+            f"cache {m.cache_id} does not match what this run declares:\n  "
+            + "\n  ".join(problems)
+        )

@@ -1,0 +1,194 @@
+"""The raw files of caches under the storage root, and which keys may be served.
+
+Served: every ``zarr.json`` (metadata), and the chunk keys and completion record of completed
+shards only. A chunk key ``<array>/c/<i>/<j>...`` belongs to row-shard ``i``: every array is
+sharded ``(rows_per_shard, *row_shape)``, so its first grid index is the shard. Nothing else is
+served: no ``..``, no absolute keys, no dot-files (``.partial`` temp files), no other names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from kdcache.core.errors import CacheFormatError
+from kdcache.core.format import MANIFEST_KEY, Manifest
+from kdcache.core.shards import record_key
+from kdcache.core.storage import is_remote
+
+__all__ = ["BLOCK_BYTES", "CacheFiles", "FileStat", "KeyKind", "classify_key", "valid_cache_id"]
+
+BLOCK_BYTES = 256 << 10
+MAX_KEY_CHARS = 512
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+_CACHE_ID = re.compile(r"^[0-9a-f]{1,64}$")
+_RECORD = re.compile(r"^_kdcache/shards/(\d{1,12})\.json$")
+
+
+def valid_cache_id(cache_id: str) -> bool:
+    """True for a string shaped like a cache id (lowercase hex): safe as a path segment."""
+    return bool(_CACHE_ID.match(cache_id))
+
+
+@dataclass(frozen=True)
+class KeyKind:
+    """What a store key is: ``metadata`` (always served) or a shard's ``chunk`` / ``record``."""
+
+    kind: Literal["metadata", "chunk", "record"]
+    shard: int | None = None
+
+
+def classify_key(key: str, manifest: dict[str, Any] | None) -> KeyKind | None:
+    """The kind of ``key``, or None when it is never served."""
+    if not key or len(key) > MAX_KEY_CHARS:
+        return None
+    parts = key.split("/")
+    if not all(_SEGMENT.match(p) for p in parts):
+        return None
+    if parts[-1] == "zarr.json":
+        return KeyKind("metadata")
+    m = _RECORD.match(key)
+    if m is not None:
+        n = int(m.group(1))
+        return KeyKind("record", n) if key == record_key(n) else None
+    if manifest is None or "c" not in parts:
+        return None
+    try:
+        ndims = {a.name: 1 + len(a.row_shape) for a in Manifest.from_dict(manifest).arrays()}
+    except CacheFormatError:
+        return None
+    cut = parts.index("c")
+    array, index = "/".join(parts[:cut]), parts[cut + 1 :]
+    if ndims.get(array) != len(index) or not all(p.isdigit() for p in index):
+        return None
+    return KeyKind("chunk", int(index[0]))
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """Size, modification time and entity tag of one stored object."""
+
+    size: int
+    mtime: float
+    etag: str
+
+
+class _Backend(Protocol):
+    def stat(self, rel: str) -> FileStat | None: ...
+    def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]: ...
+
+
+def _read_blocks(f: Any, start: int, length: int) -> Iterator[bytes]:
+    f.seek(start)
+    left = length
+    while left > 0:
+        block = f.read(min(BLOCK_BYTES, left))
+        if not block:
+            break
+        left -= len(block)
+        yield block
+
+
+class _LocalBackend:
+    def __init__(self, root: str) -> None:
+        self.base = Path(root) / "caches"
+
+    def _path(self, rel: str) -> Path | None:
+        try:
+            path = (self.base / rel).resolve()
+            base = self.base.resolve()
+        except (OSError, RuntimeError, ValueError):  # e.g. a symlink loop
+            return None
+        # Defence in depth: the key rules already forbid '..'; symlinks must not lead out either.
+        return path if path.is_relative_to(base) else None
+
+    def stat(self, rel: str) -> FileStat | None:
+        path = self._path(rel)
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return FileStat(st.st_size, st.st_mtime, f'"{st.st_size:x}-{st.st_mtime_ns:x}"')
+
+    def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]:
+        path = self._path(rel)
+        if path is None:
+            return
+        with open(path, "rb") as f:
+            yield from _read_blocks(f, start, length)
+
+
+class _FsspecBackend:
+    def __init__(self, root: str) -> None:
+        import fsspec.core
+
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.base = f"{path.rstrip('/')}/caches"
+
+    def stat(self, rel: str) -> FileStat | None:
+        try:
+            info = self.fs.info(f"{self.base}/{rel}")
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+        if info.get("type") not in ("file", None):
+            return None
+        size = int(info.get("size") or 0)
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        mtime = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+        tag = str(info.get("ETag") or "").strip('"') or f"{size:x}-{int(mtime * 1e9):x}"
+        return FileStat(size, mtime, f'"{tag}"')
+
+    def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]:
+        with self.fs.open(f"{self.base}/{rel}", "rb") as f:
+            yield from _read_blocks(f, start, length)
+
+
+class CacheFiles:
+    """Read access to the files of every cache under a storage root (local or fsspec URL)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._backend: _Backend = _FsspecBackend(root) if is_remote(root) else _LocalBackend(root)
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def stat(self, cache_id: str, key: str) -> FileStat | None:
+        """The object's stat, or None when it does not exist (or the id is malformed)."""
+        if not valid_cache_id(cache_id):
+            return None
+        return self._backend.stat(f"{cache_id}/{key}")
+
+    def blocks(self, cache_id: str, key: str, start: int, length: int) -> Iterator[bytes]:
+        """``length`` bytes from ``start``, in blocks of at most :data:`BLOCK_BYTES`."""
+        return self._backend.blocks(f"{cache_id}/{key}", start, length)
+
+    def manifest(self, cache_id: str) -> dict[str, Any] | None:
+        """The kdcache manifest in the cache group's attributes; None before it exists.
+
+        Cached once found: a cache's manifest never changes.
+        """
+        with self._lock:
+            if cache_id in self._manifests:
+                return self._manifests[cache_id]
+        if self.stat(cache_id, "zarr.json") is None:
+            return None
+        try:
+            raw = b"".join(self.blocks(cache_id, "zarr.json", 0, 1 << 24))
+            found = json.loads(raw).get("attributes", {}).get(MANIFEST_KEY)
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(found, dict):
+            return None
+        with self._lock:
+            self._manifests[cache_id] = found
+        return found

@@ -1,0 +1,316 @@
+"""Leases: workers claim shards, heartbeat, and complete or fail them.
+
+A shard has at most one owner: ``shards.lease_id``. Every change of owner happens inside one
+write transaction that holds the write lock from its start (SQLite ``BEGIN IMMEDIATE``) or the
+shard's row lock (PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``), so two claims can never
+read the same pending shard and both take it. A lease whose deadline passed still owns its shard
+until another claim takes it over (then it is ``expired`` and counts as one attempt); a heartbeat
+before that revives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from kdcache.core.errors import KDCacheError
+from kdcache.core.reader import CacheReader
+from kdcache.core.shards import ShardRecord, write_record
+from kdcache.core.storage import open_storage
+from kdcache.service.db import ACTIVE_JOB_STATES, JobRow, LeaseRow, ShardRow
+from kdcache.service.errors import Conflict, NotFound, Unprocessable
+from kdcache.service.schemas import Heartbeat, Job, Lease, RecordIn
+
+if TYPE_CHECKING:
+    from kdcache.service.store import JobStore
+
+__all__ = ["LeaseBook"]
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+
+
+def _lease_lost(lease_id: str) -> Conflict:
+    return Conflict(
+        f"lease {lease_id} no longer owns its shard (it expired and was re-leased, or the "
+        "shard is done); drop the shard",
+        code="lease_lost",
+    )
+
+
+def _job_stopped(job: JobRow) -> Conflict:
+    return Conflict(f"job {job.id} is {job.status}; stop working on it", code="job_cancelled")
+
+
+@dataclass
+class _Owned:
+    lease: LeaseRow
+    shard: ShardRow
+    job: JobRow
+
+    @property
+    def is_owner(self) -> bool:
+        return self.shard.lease_id == self.lease.id and self.shard.status == "leased"
+
+
+class LeaseBook:
+    """Lease operations on a :class:`~kdcache.service.store.JobStore`."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def _lock(self) -> bool:
+        return self.store.dialect != "sqlite"
+
+    def _load(self, s: Session, lease_id: str) -> _Owned:
+        lease = s.get(LeaseRow, lease_id)
+        if lease is None:
+            raise NotFound(f"no lease {lease_id!r}")
+        shard = s.get(ShardRow, (lease.job_id, lease.shard), with_for_update=self._lock())
+        job = s.get(JobRow, lease.job_id)
+        if shard is None or job is None:
+            raise NotFound(f"lease {lease_id!r} names a shard that no longer exists")
+        return _Owned(lease, shard, job)
+
+    @staticmethod
+    def _release(shard: ShardRow) -> None:
+        shard.status, shard.lease_id, shard.deadline = "pending", None, None
+
+    @staticmethod
+    def _fail_job(job: JobRow, message: str, now: float) -> None:
+        job.status, job.error = "failed", message[:MAX_ERROR_CHARS]
+        job.updated_at = job.finished_at = now
+        log.warning("job %s failed: %s", job.id, job.error)
+
+    # -- claim ---------------------------------------------------------------------------------
+
+    def _next(self, s: Session, now: float, job_id: str | None) -> ShardRow | None:
+        q = (
+            select(ShardRow)
+            .join(JobRow, JobRow.id == ShardRow.job_id)
+            .where(
+                JobRow.status.in_(ACTIVE_JOB_STATES),
+                or_(
+                    ShardRow.status == "pending",
+                    and_(ShardRow.status == "leased", ShardRow.deadline < now),
+                ),
+            )
+            .order_by(JobRow.created_at, JobRow.id, ShardRow.shard)
+            .limit(1)
+        )
+        if job_id is not None:
+            q = q.where(ShardRow.job_id == job_id)
+        if self._lock():
+            q = q.with_for_update(skip_locked=True, of=ShardRow)
+        return s.scalars(q).first()
+
+    def _expire(self, s: Session, shard: ShardRow, job: JobRow, now: float) -> bool:
+        """Take an expired lease's shard back; True when that used up the job's attempts."""
+        old = s.get(LeaseRow, shard.lease_id) if shard.lease_id else None
+        if old is not None:
+            old.state = "expired"
+        shard.attempts += 1
+        self._release(shard)
+        worker = old.worker if old is not None else "?"
+        log.warning("job %s shard %d: lease of %s expired", job.id, shard.shard, worker)
+        if shard.attempts < self.store.max_attempts:
+            return False
+        self._fail_job(
+            job,
+            f"shard {shard.shard}: its lease expired {shard.attempts} times without a "
+            f"completion (last worker {worker}); the worker died or stalled",
+            now,
+        )
+        return True
+
+    def claim(self, worker: str, job_id: str | None = None) -> Lease | None:
+        """Lease the next pending shard (oldest job first, lowest shard first), or None."""
+        if job_id is not None:
+            with self.store.read() as s:
+                if s.get(JobRow, job_id) is None:
+                    raise NotFound(f"no job {job_id!r}")
+        now = time.time()
+        with self.store.write() as s:
+            # Each pass leases a shard, or fails a job (which leaves the active set): it ends.
+            while (shard := self._next(s, now, job_id)) is not None:
+                job = s.get(JobRow, shard.job_id)
+                if job is None:
+                    return None
+                if shard.status == "leased" and self._expire(s, shard, job, now):
+                    continue
+                return self._grant(s, shard, job, worker, now)
+        return None
+
+    def _grant(self, s: Session, shard: ShardRow, job: JobRow, worker: str, now: float) -> Lease:
+        lease_id = uuid.uuid4().hex
+        deadline = now + self.store.lease_seconds
+        shard.status, shard.lease_id, shard.deadline = "leased", lease_id, deadline
+        attempt = shard.attempts + 1
+        s.add(
+            LeaseRow(
+                id=lease_id,
+                job_id=job.id,
+                shard=shard.shard,
+                worker=worker,
+                attempt=attempt,
+                state="active",
+                created_at=now,
+                deadline=deadline,
+            )
+        )
+        if job.status == "pending":
+            job.status, job.started_at = "running", now
+        job.updated_at = now
+        log.info("job %s shard %d leased to %s (attempt %d)", job.id, shard.shard, worker, attempt)
+        return Lease(
+            id=lease_id,
+            job_id=job.id,
+            cache_id=job.cache_id,
+            shard=shard.shard,
+            start=shard.start,
+            end=shard.end,
+            deadline=deadline,
+            lease_seconds=self.store.lease_seconds,
+            spec=job.spec,  # type: ignore[arg-type]  # validated into a JobSpec
+            cache_url=self.store.cache_url(job.cache_id),
+            attempt=attempt,
+        )
+
+    # -- heartbeat, complete, fail -------------------------------------------------------------
+
+    def heartbeat(self, lease_id: str) -> Heartbeat:
+        """Extend a lease that still owns its shard; 409 when lost or the job stopped."""
+        now = time.time()
+        refusal: Conflict | None = None
+        with self.store.write() as s:
+            o = self._load(s, lease_id)
+            if o.job.status not in ACTIVE_JOB_STATES:
+                if o.is_owner:
+                    self._release(o.shard)
+                    o.lease.state = "released"
+                refusal = _job_stopped(o.job)
+            elif not o.is_owner:
+                refusal = _lease_lost(lease_id)
+            else:
+                deadline = now + self.store.lease_seconds
+                o.shard.deadline = o.lease.deadline = deadline
+        if refusal is not None:
+            raise refusal
+        return Heartbeat(deadline=deadline, cancelled=False)
+
+    def _check_record(self, o: _Owned, rec: RecordIn) -> None:
+        for name in ("shard", "start", "end"):
+            want = getattr(o.shard, name)
+            if getattr(rec, name) != want:
+                raise Unprocessable(
+                    f"the record's {name} is {getattr(rec, name)}, the lease's is {want}",
+                    code="invalid_record",
+                    field=f"record.{name}",
+                )
+        url = self.store.cache_url(o.job.cache_id)
+        try:
+            manifest = CacheReader(url).manifest
+        except (KDCacheError, OSError, ValueError, KeyError) as err:
+            raise Unprocessable(
+                f"cannot open the cache at {url}: {err}", code="invalid_record", field="record"
+            ) from None
+        arrays = {a.name for a in manifest.arrays()}
+        if manifest.cache_id != o.job.cache_id:
+            raise Unprocessable(
+                f"the cache at {url} holds cache {manifest.cache_id}, not {o.job.cache_id}",
+                code="invalid_record",
+                field="record",
+            )
+        if set(rec.checksums) != arrays:
+            raise Unprocessable(
+                f"checksums name {sorted(rec.checksums)}; the cache's arrays are {sorted(arrays)}",
+                code="invalid_record",
+                field="record.checksums",
+            )
+
+    def complete(self, lease_id: str, rec: RecordIn) -> Job:
+        """Record a written shard and publish its completion record into the cache."""
+        with self.store.read() as s:
+            o = self._load(s, lease_id)
+            if o.job.status not in ACTIVE_JOB_STATES:
+                raise _job_stopped(o.job)
+            if not o.is_owner:
+                raise _lease_lost(lease_id)
+        self._check_record(o, rec)
+        record = ShardRecord(**rec.model_dump())
+        now = time.time()
+        refusal: Conflict | None = None
+        with self.store.write() as s:
+            o = self._load(s, lease_id)
+            if o.job.status not in ACTIVE_JOB_STATES:
+                refusal = _job_stopped(o.job)
+            elif not o.is_owner:
+                refusal = _lease_lost(lease_id)
+            else:
+                self._mark_done(s, o, record, now)
+                # Published inside the transaction: a failed write rolls the completion back.
+                write_record(open_storage(self.store.cache_url(o.job.cache_id)), record)
+                view = self.store.view(s, o.job)
+        if refusal is not None:
+            raise refusal
+        return view
+
+    def _mark_done(self, s: Session, o: _Owned, record: ShardRecord, now: float) -> None:
+        o.shard.status, o.shard.lease_id, o.shard.deadline = "done", None, None
+        o.shard.record = _record_dict(record)
+        o.shard.tokens, o.shard.completed_at = record.tokens, now
+        o.lease.state = "done"
+        o.job.updated_at = now
+        s.flush()
+        left = s.scalars(
+            select(ShardRow.shard)
+            .where(ShardRow.job_id == o.job.id, ShardRow.status != "done")
+            .limit(1)
+        ).first()
+        if left is None:
+            o.job.status, o.job.finished_at = "done", now
+            log.info("job %s done", o.job.id)
+
+    def fail(self, lease_id: str, message: str, retryable: bool = True) -> Job:
+        """A worker gave up on its shard: retry it, or fail the job with the message."""
+        now = time.time()
+        refusal: Conflict | None = None
+        with self.store.write() as s:
+            o = self._load(s, lease_id)
+            if o.job.status not in ACTIVE_JOB_STATES:
+                refusal = _job_stopped(o.job)
+            elif not o.is_owner:
+                refusal = _lease_lost(lease_id)
+            else:
+                o.lease.state = "failed"
+                self._release(o.shard)
+                o.job.updated_at = now
+                if retryable:
+                    o.shard.attempts += 1
+                text = message.strip() or "(no message)"
+                log.warning("job %s shard %d failed: %s", o.job.id, o.shard.shard, text[:200])
+                if not retryable or o.shard.attempts >= self.store.max_attempts:
+                    self._fail_job(o.job, f"shard {o.shard.shard}: {text}", now)
+                view = self.store.view(s, o.job)
+        if refusal is not None:
+            raise refusal
+        return view
+
+
+def _record_dict(record: ShardRecord) -> dict[str, Any]:
+    return {
+        "shard": record.shard,
+        "start": record.start,
+        "end": record.end,
+        "checksums": dict(record.checksums),
+        "tokens": record.tokens,
+        "seconds": record.seconds,
+        "writer": dict(record.writer),
+    }
