@@ -103,7 +103,7 @@ class DiskCache:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        self.evict()
+        self.evict(keep=path)
         return path
 
     def fetch(self, key: str, download: Callable[[], bytes]) -> Path:
@@ -170,8 +170,11 @@ class DiskCache:
         """Bytes of complete objects under the root (every namespace)."""
         return sum(size for _, size, _ in self._entries())
 
-    def evict(self) -> int:
-        """Remove least-recently-used unpinned objects until under the cap; returns bytes freed."""
+    def evict(self, keep: Path | None = None) -> int:
+        """Remove least-recently-used unpinned objects until under the cap; returns bytes freed.
+
+        ``keep`` (the object just stored, about to be read) is never removed either.
+        """
         with self._flock():
             entries = sorted(self._entries(), key=lambda e: e[0])
             total = sum(size for _, size, _ in entries)
@@ -179,7 +182,7 @@ class DiskCache:
             for _, size, path in entries:
                 if total - freed <= self.limit_bytes:
                     break
-                if self._in_use(path):
+                if path == keep or self._in_use(path):
                     continue
                 path.unlink(missing_ok=True)
                 freed += size

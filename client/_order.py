@@ -52,7 +52,9 @@ class EpochOrder:
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be >= 0; got seed={seed}, epoch={epoch}")
         if window_shards < 1:
-            raise ValueError(f"the shuffle window must hold at least one shard; got {window_shards}")
+            raise ValueError(
+                f"the shuffle window must hold at least one shard; got {window_shards}"
+            )
         self.num_rows = num_rows
         self.rows_per_shard = rows_per_shard
         self.shuffle = shuffle
@@ -67,7 +69,9 @@ class EpochOrder:
         self._groups = [
             self.shards[i : i + window_shards] for i in range(0, n_shards, window_shards)
         ]
-        win_sizes = [int(sizes[i : i + window_shards].sum()) for i in range(0, n_shards, window_shards)]
+        win_sizes = [
+            int(sizes[i : i + window_shards].sum()) for i in range(0, n_shards, window_shards)
+        ]
         self.window_starts = np.concatenate([[0], np.cumsum(win_sizes)]).astype(np.int64)
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -191,8 +195,9 @@ class PassPlan:
         first = int(order.window_of(np.array([self.start]))[0]) if n else order.num_windows
         for k in range(first, order.num_windows):
             a, b = int(order.window_starts[k]), int(order.window_starts[k + 1])
-            s = self.slot_positions(max(a, self.start) - self.start, b - self.start,
-                                    rank, worker, num_workers, skip)
+            s = self.slot_positions(
+                max(a, self.start) - self.start, b - self.start, rank, worker, num_workers, skip
+            )
             if s.size:
                 yield self.epoch_position(s)
         pad = self.slot_positions(n, self.length, rank, worker, num_workers, skip)

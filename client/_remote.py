@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -65,8 +65,14 @@ def retry_call(fn: Callable[[], T], retries: int, backoff: float, what: str) -> 
         except Exception as err:
             if attempt == retries or not is_transient(err):
                 raise
-            log.warning("%s failed (%s: %s); retry %d/%d", what, type(err).__name__, err,
-                        attempt + 1, retries)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d",
+                what,
+                type(err).__name__,
+                err,
+                attempt + 1,
+                retries,
+            )
             time.sleep(_delay(attempt, backoff))
     raise AssertionError("unreachable")
 
@@ -78,8 +84,14 @@ async def _aretry(fn: Callable[[], Awaitable[T]], retries: int, backoff: float, 
         except Exception as err:
             if attempt == retries or not is_transient(err):
                 raise
-            log.warning("%s failed (%s: %s); retry %d/%d", what, type(err).__name__, err,
-                        attempt + 1, retries)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d",
+                what,
+                type(err).__name__,
+                err,
+                attempt + 1,
+                retries,
+            )
             await asyncio.sleep(_delay(attempt, backoff))
     raise AssertionError("unreachable")
 
@@ -101,7 +113,7 @@ def _read_range(path: os.PathLike[str], byte_range: ByteRequest | None) -> bytes
 
 
 class DiskCachedStore(WrapperStore[Any]):
-    """A read-only Zarr store: keys in the disk cache are read locally, others remotely (retried)."""
+    """Read-only Zarr store: keys in the disk cache are read locally, others remotely (retried)."""
 
     def __init__(
         self, store: Any, cache: DiskCache | None, retries: int = 3, backoff: float = 0.2
@@ -135,9 +147,6 @@ class DiskCachedStore(WrapperStore[Any]):
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
     ) -> list[Buffer | None]:
         return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-    def list(self) -> AsyncIterator[str]:
-        return self._store.list()  # type: ignore[no-any-return]
 
 
 class RemoteStorage:

@@ -88,7 +88,7 @@ def check_expectations(manifest: Manifest, expect: Mapping[str, Any] | None) -> 
         elif missing:
             problems.append("temperatures: the cache holds no top-k targets (topk = 0)")
     if expect.get("layers") is not None:
-        missing_layers = sorted(set(int(x) for x in expect["layers"]) - set(m.hidden_layers))
+        missing_layers = sorted({int(x) for x in expect["layers"]} - set(m.hidden_layers))
         if missing_layers:
             problems.append(
                 f"layers: teacher hidden layers {missing_layers} are not cached; the cache holds "
@@ -103,6 +103,5 @@ def check_expectations(manifest: Manifest, expect: Mapping[str, Any] | None) -> 
         )
     if problems:
         raise ManifestMismatchError(
-            f"cache {m.cache_id} does not match what this run declares:\n  "
-            + "\n  ".join(problems)
+            f"cache {m.cache_id} does not match what this run declares:\n  " + "\n  ".join(problems)
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from kdcache.core.errors import CacheNotFoundError
 from kdcache.core.format import Manifest
 from kdcache.core.reader import CacheReader
 from kdcache.core.shards import ShardRecord
-from kdcache.core.storage import FsspecStorage
+from kdcache.core.storage import FsspecStorage, Storage, open_storage
 
 __all__ = ["TeacherCache", "open_reader"]
 
@@ -45,12 +45,17 @@ def open_reader(
     *,
     token: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    wrap_storage: Callable[[Storage], Storage] | None = None,
 ) -> CacheReader:
-    """A core :class:`CacheReader` for a local path, ``s3://`` URL or service cache URL."""
+    """A core :class:`CacheReader` for a local path, ``s3://`` URL or service cache URL.
+
+    ``wrap_storage`` wraps the cache's storage before it is read (retries, a disk cache).
+    """
     src = str(source)
+    wrap = wrap_storage or (lambda s: s)
     m = _SERVICE_CACHE.match(src)
     if m is None:
-        return CacheReader(src, storage_options=storage_options)
+        return CacheReader(src, storage=wrap(open_storage(src, storage_options)))
     base, cache_id = m.group(1), m.group(2)
     token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -59,7 +64,7 @@ def open_reader(
     storage = FsspecStorage(f"{base}/v1/caches/{cache_id}/store", opts)
     return CacheReader(
         storage.url,
-        storage=storage,
+        storage=wrap(storage),
         completed=lambda: _service_completed(base, cache_id, headers),
     )
 

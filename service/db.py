@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    insert,
     inspect,
     select,
     text,
@@ -208,9 +209,7 @@ def init_schema(engine: Engine) -> int:
         Base.metadata.create_all(conn)
         if conn.execute(select(SchemaVersionRow.version)).first() is None:
             conn.execute(
-                SchemaVersionRow.__table__.insert().values(
-                    version=SCHEMA_VERSION, applied_at=time.time()
-                )
+                insert(SchemaVersionRow).values(version=SCHEMA_VERSION, applied_at=time.time())
             )
             log.info("created job store schema version %d", SCHEMA_VERSION)
     return SCHEMA_VERSION

@@ -196,6 +196,9 @@ async def _on_validation_error(_request: Request, exc: Exception) -> Any:
 
 async def _on_http_error(_request: Request, exc: Exception) -> Any:
     assert isinstance(exc, StarletteHTTPException)  # registered for this class only
+    if exc.status_code == 400:
+        # FastAPI's "error parsing the body" (e.g. not UTF-8): as invalid as malformed JSON (422).
+        return _json(422, error_body("invalid_request", f"unreadable body: {exc.detail}", "body"))
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     code = codes.get(exc.status_code, "http_error")
     return _json(exc.status_code, error_body(code, str(exc.detail)), headers=exc.headers)

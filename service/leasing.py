@@ -178,7 +178,7 @@ class LeaseBook:
             end=shard.end,
             deadline=deadline,
             lease_seconds=self.store.lease_seconds,
-            spec=job.spec,  # type: ignore[arg-type]  # validated into a JobSpec
+            spec=job.spec,
             cache_url=self.store.cache_url(job.cache_id),
             attempt=attempt,
         )

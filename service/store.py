@@ -153,7 +153,7 @@ class JobStore:
             id=row.id,
             cache_id=row.cache_id,
             name=row.name,
-            status=row.status,  # type: ignore[arg-type]  # the column only holds JOB_STATES
+            status=row.status,
             shards_total=row.shards_total,
             shards_done=stats.shards_done,
             rows_total=row.rows_total,
@@ -162,7 +162,7 @@ class JobStore:
             tokens_per_s=tokens_per_s,
             eta_s=eta_s,
             error=row.error,
-            spec=row.spec,  # type: ignore[arg-type]  # validated into a JobSpec
+            spec=row.spec,
             cache_url=self.cache_url(row.cache_id),
             created_at=_iso(row.created_at),
             updated_at=_iso(row.updated_at),
@@ -272,8 +272,13 @@ class JobStore:
                 if live is None:
                     raise
                 return self.view(s, live), False
-        log.info("job %s: cache %s, %d shards (%d already done)", job_id, cache_id,
-                 plan.num_shards, len(carried))
+        log.info(
+            "job %s: cache %s, %d shards (%d already done)",
+            job_id,
+            cache_id,
+            plan.num_shards,
+            len(carried),
+        )
         return self.get_job(job_id), True
 
     @staticmethod
@@ -332,7 +337,7 @@ class JobStore:
                         cache_id=r.cache_id,
                         name=r.name,
                         job_id=r.id,
-                        status=r.status,  # type: ignore[arg-type]
+                        status=r.status,
                         shards_done=st.shards_done,
                         shards_total=r.shards_total,
                         rows_done=st.rows_done,

@@ -1,0 +1,149 @@
+"""Read the rows one slot needs from one shuffle window, in chunk-aligned contiguous blocks.
+
+Zarr decodes whole chunks, so reading rows one by one decodes each chunk many times. Here the rows
+a window needs are sorted, grouped into runs of consecutive chunks, and each run is read with one
+slice (which Zarr decodes concurrently); the rows are then picked out of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache.client._fields import to_tensors
+from kdcache.client._shardread import FastLayout, Task
+from kdcache.core.format import Manifest
+
+__all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "read_rows"]
+
+MAX_RUN_BYTES = 64 << 20
+# the dtypes kdcache.client._fields.to_tensors gives; the fast path casts into them while decoding
+TENSOR_DTYPES = {
+    "input_ids": np.dtype(np.int64),
+    "topk_indices": np.dtype(np.int64),
+    "topk_logprobs": np.dtype(np.float32),
+    "topk_logsumexp": np.dtype(np.float32),
+}
+
+
+def read_rows(
+    arr: zarr.Array,
+    rows: np.ndarray,
+    seq_len: int | None = None,
+    max_run_bytes: int = MAX_RUN_BYTES,
+) -> np.ndarray:
+    """Rows of ``arr`` (sorted, unique) as (len(rows), T', ...) in the stored dtype.
+
+    ``seq_len`` crops axis 1 to its first ``seq_len`` positions; only those chunks are read.
+    """
+    crop = slice(None) if seq_len is None else slice(0, seq_len)
+    row_shape = list(arr.shape[1:])
+    if seq_len is not None:
+        row_shape[0] = min(seq_len, row_shape[0])
+    out = np.empty((len(rows), *row_shape), dtype=arr.dtype)
+    if not len(rows):
+        return out
+    per_chunk = int(arr.chunks[0])
+    row_bytes = max(1, out.itemsize * int(np.prod(row_shape, dtype=np.int64)))
+    max_chunks = max(1, max_run_bytes // (row_bytes * per_chunk))
+    chunk_ids = np.unique(rows // per_chunk)
+    starts = np.flatnonzero(np.diff(chunk_ids) != 1) + 1
+    n = arr.shape[0]
+    for run in np.split(chunk_ids, starts):
+        for piece in range(0, len(run), max_chunks):
+            ids = run[piece : piece + max_chunks]
+            lo, hi = int(ids[0]) * per_chunk, min((int(ids[-1]) + 1) * per_chunk, n)
+            i0, i1 = np.searchsorted(rows, [lo, hi])
+            block = np.asarray(arr[lo:hi, crop] if seq_len is not None else arr[lo:hi])
+            if i1 - i0 == hi - lo:
+                out[i0:i1] = block
+            else:
+                out[i0:i1] = block[rows[i0:i1] - lo]
+    return out
+
+
+@dataclass
+class RowBlock:
+    """Decoded rows of one window, ready to yield in order.
+
+    ``tensors``: field -> (U, ...) for the U distinct rows; ``index``: (n,) position in U of each
+    row to yield, in yield order.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    index: np.ndarray
+    nbytes: int
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def samples(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One dict per row (views into the block; no leading batch dimension)."""
+        items = list(self.tensors.items())
+        for j in self.index.tolist():
+            yield {k: v[j] for k, v in items}
+
+
+class BlockReader:
+    """Reads blocks of rows of the selected fields for one process.
+
+    ``locate`` maps a store key to a local file when shard objects are on local disk (a local
+    cache, or remote objects in the disk cache); those arrays take the fast path of
+    :mod:`kdcache.client._shardread`. Without it, or for another layout, rows come through zarr.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        arrays: Mapping[str, zarr.Array],
+        seq_len: int | None,
+        pool: ThreadPoolExecutor,
+        locate: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.arrays = dict(arrays)
+        self.seq_len = seq_len
+        self.pool = pool
+        self.locate = locate
+        self.layouts = {f: FastLayout.of(a) if locate else None for f, a in self.arrays.items()}
+
+    def _fast(
+        self,
+        field: str,
+        layout: FastLayout,
+        locate: Callable[[str], str | None],
+        rows: np.ndarray,
+    ) -> tuple[np.ndarray, list[Task]]:
+        shape = list(layout.shape[1:])
+        if self.seq_len is not None:
+            shape[0] = min(self.seq_len, shape[0])
+        out = np.empty((len(rows), *shape), dtype=TENSOR_DTYPES.get(field, layout.dtype))
+        return out, layout.tasks(locate, rows, out, self.seq_len)
+
+    def read(self, rows: np.ndarray) -> RowBlock:
+        """Rows in yield order (repeats allowed) of every field, as a RowBlock."""
+        uniq, index = np.unique(rows, return_inverse=True)
+        data: dict[str, np.ndarray] = {}
+        tasks: list[Task] = []
+        slow = []
+        for field, layout in self.layouts.items():
+            if layout is None or self.locate is None:
+                slow.append(field)
+                continue
+            data[field], more = self._fast(field, layout, self.locate, uniq)
+            tasks += more
+        done = [self.pool.submit(t) for t in tasks]
+        for field in slow:
+            data[field] = read_rows(self.arrays[field], uniq, self.seq_len)
+        for fut in done:
+            fut.result()
+        tensors = to_tensors(self.manifest, uniq, {f: data[f] for f in self.arrays})
+        nbytes = sum(
+            t.numel() * t.element_size() for k, t in tensors.items() if k != "temperatures"
+        )
+        return RowBlock(tensors, index.reshape(-1), nbytes)

@@ -1,0 +1,57 @@
+"""CacheLoader: a DataLoader over a CacheDataset that tells the dataset what training received.
+
+With DataLoader workers the rows are produced in other processes, and read ahead, so only the
+main process knows which batches training actually got. The loader counts them into the
+dataset, which makes ``dataset.state_dict()`` exact at any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from kdcache.client.dataset import CacheDataset
+
+__all__ = ["CacheLoader"]
+
+
+class CacheLoader:
+    """Iterate batches of a :class:`CacheDataset`: dicts of (B, ...) tensors.
+
+    Keyword arguments go to ``torch.utils.data.DataLoader`` (``num_workers``, ``pin_memory``,
+    ``multiprocessing_context``, ``prefetch_factor`` ...). ``persistent_workers`` is refused:
+    persistent workers keep the dataset copy of the first epoch and would miss ``set_epoch``
+    and ``load_state_dict``.
+    """
+
+    def __init__(self, dataset: CacheDataset, batch_size: int, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError(
+                "persistent_workers=True would keep each worker's copy of the dataset from the "
+                "first epoch, so set_epoch and load_state_dict would not reach them"
+            )
+        for key in ("sampler", "batch_sampler", "shuffle", "drop_last"):
+            if key in kwargs:
+                raise ValueError(
+                    f"{key!r} is decided by the CacheDataset (shuffle, drop_last, pad), not the "
+                    "loader"
+                )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.dataloader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        counting = self.dataloader.num_workers > 0  # without workers the dataset counts itself
+        for batch in self.dataloader:
+            if counting:
+                self.dataset._count(len(batch["row"]))
+            yield batch
+        if counting:
+            self.dataset._end_pass()

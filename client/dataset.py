@@ -1,0 +1,374 @@
+"""CacheDataset: stream a teacher cache into student training, each row exactly once per epoch.
+
+Order (see :mod:`kdcache.client._order`): shards are permuted and rows shuffled inside windows of
+consecutive permuted shards, a pure function of (seed, epoch, cache id, window). Partitioning:
+the order is dealt in units of ``batch_size`` rows to DDP ranks round-robin, and inside a rank to
+DataLoader workers round-robin (the order in which a DataLoader collects their batches), so global
+step i holds positions [i * G, (i + 1) * G) of the order for G = batch_size * world_size, for any
+world size or worker count. Padding (repeating the order's first rows) or ``drop_last`` gives every
+rank the same number of batches. Resume is arithmetic (see :mod:`kdcache.client._resume`).
+
+Each DataLoader worker opens its own store (lazily, per process id, so fork and spawn both work)
+and reads ahead in a background thread under a byte bound. Remote caches are read with retries,
+optionally through a size-capped local disk cache of whole shard objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kdcache.client._blocks import BlockReader, RowBlock
+from kdcache.client._diskcache import DiskCache
+from kdcache.client._fields import arrays_for, expand_fields
+from kdcache.client._loader import CacheLoader
+from kdcache.client._order import EpochOrder, PassPlan, Policy
+from kdcache.client._prefetch import Prefetcher
+from kdcache.client._remote import RemoteStorage, download_objects, shard_object_keys
+from kdcache.client._resume import DatasetState, ResumeError, resume_point
+from kdcache.client._validate import check_expectations
+from kdcache.client.cache import open_reader
+from kdcache.core.errors import ShardIncompleteError
+from kdcache.core.format import Manifest
+from kdcache.core.reader import CacheReader
+from kdcache.core.storage import LocalStorage, Storage, is_remote
+
+__all__ = ["CacheDataset", "CacheLoader", "ResumeError"]
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, torch.Tensor]
+DEFAULT_WINDOW_BYTES = 256 << 20
+
+
+@dataclass
+class _Opened:
+    """One process's open cache: reader, arrays of the selected fields, remote storage."""
+
+    pid: int
+    reader: CacheReader
+    blocks: BlockReader
+    remote: RemoteStorage | None
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _window_shards(m: Manifest, shuffle_window: int | None) -> int:
+    """Shards per shuffle window: ``shuffle_window`` rows rounded up to whole shards, or by
+    default as many shards as fit in 256 MiB of stored rows (never depends on ``fields``)."""
+    per = m.rows_per_shard
+    if shuffle_window is not None:
+        if shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1 row; got {shuffle_window}")
+        return max(1, -(-shuffle_window // per))
+    row_bytes = sum(int(np.prod(s.row_shape)) * np.dtype(s.dtype).itemsize for s in m.arrays())
+    return max(1, DEFAULT_WINDOW_BYTES // max(1, row_bytes * per))
+
+
+def _local_locator(root: Path) -> Callable[[str], str | None]:
+    def locate(key: str) -> str | None:
+        path = root / key
+        return str(path) if path.is_file() else None
+
+    return locate
+
+
+def _cache_locator(cache: DiskCache) -> Callable[[str], str | None]:
+    def locate(key: str) -> str | None:
+        path = cache.get(key)
+        return None if path is None else str(path)
+
+    return locate
+
+
+class CacheDataset(IterableDataset[Sample]):
+    """An IterableDataset over a teacher cache: one dict per row, each row once per epoch.
+
+    source: a cache directory, ``s3://...`` URL, or ``http(s)://host/v1/caches/<id>`` service URL.
+    fields: field keys (``input_ids``, ``topk`` = the three topk keys, ``hidden_<layer>``,
+    ``hidden`` = every layer); None for everything. A sample is ``{"row": () int64,
+    "input_ids": (T,) int64, "topk_logprobs": (T, k) float32, "topk_indices": (T, k) int64,
+    "topk_logsumexp": (T, n_temps) float32, "temperatures": (n_temps,) float32,
+    "hidden_<l>": (T, d) stored dtype}`` for the fields asked; T is ``seq_len`` when cropping.
+    rank, world_size: from torch.distributed when initialised, else 0 and 1, unless given.
+    batch_size: rows per rank per step (the DataLoader's batch size). Steps then follow the global
+    order exactly, and resume works across world sizes at step boundaries; None deals single rows.
+    drop_last, pad: equal batch counts per rank by dropping the tail of the order, or (default)
+    by repeating its first rows (``padded_rows`` says how many); both False leaves ranks unequal.
+    shuffle_window: rows per shuffle window (rounded up to whole shards).
+    prefetch_bytes: bound on decoded rows read ahead per process.
+    cache_dir, cache_limit_bytes: local disk cache of remote shard objects and its size cap.
+    expect: what the run declares (see :func:`kdcache.client._validate.check_expectations`).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        fields: Sequence[str] | str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        *,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        pad: bool = True,
+        seq_len: int | None = None,
+        shuffle_window: int | None = None,
+        prefetch_bytes: int = 256 << 20,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit_bytes: int = 16 << 30,
+        token: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        expect: Mapping[str, Any] | None = None,
+        retries: int = 3,
+        read_threads: int = 4,
+    ) -> None:
+        super().__init__()
+        d_rank, d_world = _dist_rank_world()
+        self.rank = d_rank if rank is None else int(rank)
+        self.world_size = d_world if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        self.source = str(source)
+        self.shuffle, self.seed = bool(shuffle), int(seed)
+        self.batch_size = batch_size
+        self.policy: Policy = "drop" if drop_last else ("pad" if pad else "none")
+        self.prefetch_bytes = int(prefetch_bytes)
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
+        self.cache_limit_bytes = int(cache_limit_bytes)
+        self.token, self.storage_options = token, storage_options
+        self.retries, self.read_threads = int(retries), max(1, int(read_threads))
+        self._opened: _Opened | None = None
+        reader = self._open_reader(None)
+        self.manifest = reader.manifest
+        m = self.manifest
+        if not reader.is_complete:
+            raise ShardIncompleteError(
+                f"cache {m.cache_id} at {self.source} has {len(reader.completed())} of "
+                f"{m.num_shards} shards complete; CacheDataset needs a complete cache"
+            )
+        self.fields = expand_fields(m, fields)
+        if seq_len is not None and not 1 <= seq_len <= m.seq_len:
+            raise ValueError(
+                f"seq_len must be in [1, {m.seq_len}] (the cached length); got {seq_len}"
+            )
+        self.seq_len = seq_len
+        check_expectations(m, expect)
+        self.window_shards = _window_shards(m, shuffle_window)
+        self.epoch, self._start, self._consumed = 0, 0, 0
+        if self.policy == "none" and self.world_size > 1:
+            log.warning("pad=False and drop_last=False: ranks may yield unequal numbers of rows")
+
+    # ---- opening, once per process -------------------------------------------------------
+    def _open_reader(self, cache_id: str | None) -> CacheReader:
+        """Open the cache; remote storage gets retries, and a disk cache once the id is known."""
+
+        def wrap(storage: Storage) -> Storage:
+            disk = None
+            if self.cache_dir is not None and cache_id is not None:
+                disk = DiskCache(self.cache_dir, self.cache_limit_bytes, namespace=cache_id)
+            return RemoteStorage(storage, disk, retries=self.retries)
+
+        return open_reader(
+            self.source,
+            token=self.token,
+            storage_options=self.storage_options,
+            wrap_storage=wrap if is_remote(self.source) else None,
+        )
+
+    def _open_here(self) -> _Opened:
+        """This process's open cache (reopened after fork or unpickling)."""
+        if self._opened is not None and self._opened.pid == os.getpid():
+            return self._opened
+        reader = self._open_reader(self.manifest.cache_id)
+        arrays = {f: reader.arrays[name] for f, name in arrays_for(self.fields).items()}
+        remote = reader.storage if isinstance(reader.storage, RemoteStorage) else None
+        locate: Callable[[str], str | None] | None = None
+        if remote is None and isinstance(reader.storage, LocalStorage):
+            locate = _local_locator(reader.storage.root)
+        elif remote is not None and remote.cache is not None:
+            locate = _cache_locator(remote.cache)
+        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
+        blocks = BlockReader(self.manifest, arrays, self.seq_len, pool, locate)
+        self._opened = _Opened(os.getpid(), reader, blocks, remote)
+        return self._opened
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_opened"] = None  # a store holds sockets and threads: each process opens its own
+        return state
+
+    # ---- order, partition, length ---------------------------------------------------------
+    @property
+    def cache_id(self) -> str:
+        return self.manifest.cache_id
+
+    @property
+    def unit(self) -> int:
+        return self.batch_size or 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.unit * self.world_size
+
+    def epoch_order(self, epoch: int | None = None) -> EpochOrder:
+        """The global order of ``epoch`` (default: the current one)."""
+        m = self.manifest
+        return EpochOrder(
+            m.num_rows,
+            m.rows_per_shard,
+            cache_id=m.cache_id,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle,
+            window_shards=self.window_shards,
+        )
+
+    def _plan(self, start: int = 0) -> PassPlan:
+        return PassPlan(self.manifest.num_rows, start, self.unit, self.world_size, self.policy)
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows a full epoch repeats (over all ranks) so every rank gets equal batches."""
+        return self._plan().padded
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows a full epoch leaves out with ``drop_last=True``."""
+        return self._plan().dropped
+
+    def __len__(self) -> int:
+        """Rows this rank yields in a full epoch."""
+        return self._plan().rank_rows(self.rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order; a new epoch starts from its beginning, the current one (e.g.
+        after :meth:`load_state_dict`) keeps its position."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        if epoch != self.epoch:
+            self.epoch, self._start, self._consumed = int(epoch), 0, 0
+
+    # ---- resume ---------------------------------------------------------------------------
+    def _state(self) -> DatasetState:
+        m = self.manifest
+        return DatasetState(
+            cache_id=m.cache_id,
+            num_rows=m.num_rows,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            window_shards=self.window_shards,
+            epoch=self.epoch,
+            world_size=self.world_size,
+            unit=self.unit,
+            policy=self.policy,
+            start=self._start,
+            consumed=self._consumed,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is in the epoch: rows delivered in this process (by iterating the
+        dataset here, or through :meth:`loader`) since the pass began. Save it from any rank."""
+        return self._state().to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved run's global order from where it stopped (no replay).
+
+        Raises :class:`ResumeError` when this run cannot continue that order (another cache,
+        seed or window; or a state taken mid-batch with another world size or batch size).
+        """
+        old = DatasetState.from_dict(state)
+        start, skip = resume_point(old, self._state())
+        self.epoch, self._start, self._consumed = old.epoch, start, skip
+
+    def _end_pass(self) -> None:
+        self._start, self._consumed = 0, 0
+
+    def _count(self, rows: int) -> None:
+        self._consumed += rows
+
+    # ---- iteration ------------------------------------------------------------------------
+    def _read(self, opened: _Opened, order: EpochOrder, positions: np.ndarray) -> RowBlock:
+        """Decode the rows at ``positions`` (epoch positions of one window)."""
+        rows = order.rows_at(positions)
+        remote, blocks = opened.remote, opened.blocks
+        if remote is None or remote.cache is None:
+            return blocks.read(rows)
+        shards = np.unique(rows // self.manifest.rows_per_shard).tolist()
+        keys = shard_object_keys(list(blocks.arrays.values()), shards)
+        with remote.cache.pinned(keys):
+            download_objects(remote, keys, blocks.pool)
+            return blocks.read(rows)
+
+    def _blocks(self, opened: _Opened, worker: int, num_workers: int) -> Iterator[RowBlock]:
+        order = self.epoch_order()
+        plan = self._plan(self._start)
+        for positions in plan.slot_groups(order, self.rank, worker, num_workers, self._consumed):
+            yield self._read(opened, order, positions)
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        in_main = info is None
+        if num_workers > 1 and self.batch_size is None and worker == 0:
+            log.warning(
+                "batch_size is unset with %d DataLoader workers: steps will not follow the global "
+                "order; pass batch_size=<the DataLoader's batch size> (or use .loader())",
+                num_workers,
+            )
+        opened = self._open_here()
+        prefetch = Prefetcher(
+            self._blocks(opened, worker, num_workers), lambda b: b.nbytes, self.prefetch_bytes
+        )
+        try:
+            for block in prefetch:
+                for sample in block.samples():
+                    if in_main:
+                        self._consumed += 1
+                    yield sample
+            if in_main:
+                self._end_pass()
+        finally:
+            prefetch.close()
+
+    def loader(self, batch_size: int | None = None, **kwargs: Any) -> CacheLoader:
+        """A DataLoader over this dataset that counts delivered rows for :meth:`state_dict`.
+
+        ``batch_size`` defaults to the dataset's and becomes it when the dataset has none;
+        other keyword arguments go to ``torch.utils.data.DataLoader``.
+        """
+        size = batch_size or self.batch_size
+        if size is None:
+            raise ValueError("loader() needs a batch_size (here or in the dataset)")
+        if self.batch_size is None:
+            self.batch_size = size
+        elif self.batch_size != size:
+            raise ValueError(
+                f"loader batch_size {size} differs from the dataset's batch_size "
+                f"{self.batch_size}; they must match for steps to follow the global order"
+            )
+        return CacheLoader(self, size, **kwargs)
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheDataset({self.source!r}, fields={self.fields}, rows={self.manifest.num_rows}, "
+            f"rank={self.rank}/{self.world_size}, epoch={self.epoch}, shuffle={self.shuffle})"
+        )

@@ -1,0 +1,82 @@
+"""/v1/caches: the cache index, one cache's manifest and completed shards, raw Zarr keys."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+
+from kdcache.service.auth import ReadAuth
+from kdcache.service.deps import FilesDep, StoreDep
+from kdcache.service.errors import NotFound
+from kdcache.service.files import valid_cache_id
+from kdcache.service.routes._common import error_responses
+from kdcache.service.schemas import CacheDetail, CacheList
+from kdcache.service.serve import store_response
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/caches", tags=["caches"], dependencies=[ReadAuth])
+
+_RAW = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+
+
+@router.get("", response_model=CacheList, responses=error_responses(401, 403))
+def list_caches(store: StoreDep) -> CacheList:
+    """Every cache the service knows, with its latest job's progress."""
+    return CacheList(caches=store.list_caches())
+
+
+@router.get("/{cache_id}", response_model=CacheDetail, responses=error_responses(401, 403, 404))
+def get_cache(cache_id: str, store: StoreDep, files: FilesDep) -> CacheDetail:
+    """The manifest and the completion record of every completed shard."""
+    if not valid_cache_id(cache_id):
+        raise NotFound(f"no cache {cache_id!r}")
+    return store.cache_detail(cache_id, files.manifest(cache_id))
+
+
+_STORE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the whole object", **_RAW},
+    206: {"description": "the requested byte range", **_RAW},
+    304: {"description": "not modified (If-None-Match)"},
+    **error_responses(401, 403, 404, 416),
+}
+
+
+@router.head(
+    "/{cache_id}/store/{key:path}",
+    response_class=Response,
+    responses=_STORE_RESPONSES,
+    operation_id="head_store_key",
+)
+@router.get(
+    "/{cache_id}/store/{key:path}",
+    response_class=Response,
+    responses=_STORE_RESPONSES,
+    operation_id="get_store_key",
+)
+def get_store_key(
+    cache_id: str,
+    key: str,
+    request: Request,
+    store: StoreDep,
+    files: FilesDep,
+    range_: Annotated[str | None, Header(alias="Range", max_length=1000)] = None,
+    if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
+    if_range: Annotated[str | None, Header(max_length=1000)] = None,
+) -> Response:
+    """Raw bytes of a Zarr key: metadata always, chunks and records of completed shards only.
+
+    Single byte ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) give 206; several ranges
+    give the whole object; ranges that select nothing give 416.
+    """
+    return store_response(
+        files,
+        store,
+        cache_id,
+        key,
+        head=request.method == "HEAD",
+        range_header=range_,
+        if_none_match=if_none_match,
+        if_range=if_range,
+    )

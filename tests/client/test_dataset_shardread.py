@@ -1,0 +1,106 @@
+"""The local shard-file fast path reads exactly what zarr reads, for any rows, crop and geometry
+(chunks split along T, partial last shard, chunks never written because they hold the fill)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from kdcache.client._blocks import BlockReader, read_rows
+from kdcache.client._shardread import FastLayout
+from kdcache.core.errors import IntegrityError
+
+
+def _array(root: Path, dtype: str = "float16", **kw: object) -> tuple[zarr.Array, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((23, 12, 3)) * 10).astype(dtype)
+    data[6:12] = 0  # one whole shard equal to the fill value: never written
+    data[14:16, 4:8] = 0  # one inner chunk equal to the fill value
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="w")
+    arr = group.create_array(
+        "topk/x",
+        shape=data.shape,
+        dtype=dtype,
+        chunks=(2, 4, 3),
+        shards=(6, 12, 3),
+        fill_value=0,
+        compressors=kw.get("compressors", BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")),
+    )
+    arr[:] = data
+    return arr, data
+
+
+def _locate(root: Path):
+    def locate(key: str) -> str | None:
+        path = root / key
+        return str(path) if path.is_file() else None
+
+    return locate
+
+
+@pytest.mark.parametrize("crop", [None, 5, 12, 1])
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_fast_path_equals_zarr(tmp_path: Path, crop: int | None, out_dtype: str) -> None:
+    arr, data = _array(tmp_path)
+    layout = FastLayout.of(arr)
+    assert layout is not None and layout.inner == (2, 4, 3) and layout.grid == (3, 3, 1)
+    assert not (tmp_path / layout.key(1)).exists(), "the all-fill shard is not written"
+    rng = np.random.default_rng(1)
+    for rows in (np.arange(23), np.array([0, 5, 13, 14, 22]), np.sort(rng.choice(23, 9, False))):
+        t = 12 if crop is None else crop
+        out = np.full((len(rows), t, 3), np.nan, dtype=out_dtype)
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda task: task(), layout.tasks(_locate(tmp_path), rows, out, crop)))
+        expected = data[rows, :t].astype(out_dtype)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(read_rows(arr, rows, crop), data[rows, :t])
+
+
+def test_other_layouts_go_through_zarr(tmp_path: Path) -> None:
+    arr, data = _array(tmp_path, compressors=ZstdCodec(level=1))
+    assert FastLayout.of(arr) is None
+    plain = zarr.create_array(tmp_path / "plain", shape=(4, 3), chunks=(2, 3), dtype="int32")
+    assert FastLayout.of(plain) is None
+    with ThreadPoolExecutor(2) as pool:
+        reader = BlockReader(_manifest_stub(), {"hidden_9": arr}, None, pool, _locate(tmp_path))
+        assert reader.layouts["hidden_9"] is None
+        block = reader.read(np.array([3, 1, 3]))
+    got = block.tensors["hidden_9"][block.index].numpy()
+    np.testing.assert_array_equal(got, data[[3, 1, 3]])
+
+
+def test_corrupt_shard_index_is_detected(tmp_path: Path) -> None:
+    arr, _ = _array(tmp_path)
+    layout = FastLayout.of(arr)
+    assert layout is not None
+    path = tmp_path / layout.key(0)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    out = np.empty((1, 12, 3), dtype="float16")
+    with pytest.raises(IntegrityError, match="checksum"):
+        layout.tasks(_locate(tmp_path), np.array([0]), out, None)
+
+
+def _manifest_stub():
+    from kdcache.core.format import Manifest
+
+    return Manifest(
+        cache_id="x",
+        num_rows=23,
+        seq_len=12,
+        vocab_size=10,
+        topk=0,
+        temperatures=[1.0],
+        hidden_layers=[9],
+        hidden_size=3,
+        hidden_dtype="float16",
+        rows_per_shard=6,
+        teacher_fingerprint="t",
+        dataset_fingerprint="d",
+    )

@@ -1,0 +1,79 @@
+"""Support for the dataset tests (no tests here): simulated DataLoader workers, global order."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from itertools import islice
+from unittest import mock
+
+import numpy as np
+
+from kdcache.client.dataset import CacheDataset
+
+# what tests/client/conftest.py puts in its caches
+SEQ_LEN = 16
+TOPK = 8
+TEMPERATURES = [1.0, 2.0]
+LAYERS = [1, 2]
+
+
+@contextlib.contextmanager
+def as_worker(worker: int, num_workers: int) -> Iterator[None]:
+    """Make the dataset believe it runs in DataLoader worker ``worker`` of ``num_workers``."""
+    info = types.SimpleNamespace(id=worker, num_workers=num_workers, seed=0, dataset=None)
+    with mock.patch("kdcache.client.dataset.get_worker_info", return_value=info):
+        yield
+
+
+def rows(samples: Iterator[dict]) -> list[int]:
+    return [int(s["row"]) for s in samples]
+
+
+def worker_rows(ds: CacheDataset, worker: int, num_workers: int) -> list[int]:
+    with as_worker(worker, num_workers):
+        return rows(iter(ds))
+
+
+def rank_batches(ds: CacheDataset, workers: int, batch: int) -> list[list[int]]:
+    """The batches a DataLoader(ds, batch_size=batch, num_workers=workers) hands one rank.
+
+    Like torch: each worker batches its own stream; batches are taken from the workers in turn,
+    skipping workers that are exhausted.
+    """
+    if workers == 0:
+        stream = rows(iter(ds))
+        return [stream[i : i + batch] for i in range(0, len(stream), batch)]
+    per_worker = []
+    for w in range(workers):
+        stream = worker_rows(ds, w, workers)
+        per_worker.append([stream[i : i + batch] for i in range(0, len(stream), batch)])
+    out: list[list[int]] = []
+    for i in range(max(len(b) for b in per_worker)):
+        out += [b[i] for b in per_worker if i < len(b)]
+    return out
+
+
+def global_sequence(per_rank: list[list[list[int]]]) -> list[int]:
+    """Global steps in order: step i = rank 0's batch i, rank 1's batch i, ..."""
+    out: list[int] = []
+    for step in range(max(len(b) for b in per_rank)):
+        for batches in per_rank:
+            if step < len(batches):
+                out += batches[step]
+    return out
+
+
+def take(ds: CacheDataset, n: int) -> list[int]:
+    """The first ``n`` rows of a pass, iterated in this process (so the dataset counts them)."""
+    it = iter(ds)
+    got = rows(islice(it, n))
+    it.close()  # type: ignore[attr-defined]
+    return got
+
+
+def padded_order(ds: CacheDataset) -> np.ndarray:
+    """The epoch order followed by the rows a full pass repeats as padding."""
+    order = ds.epoch_order().all_rows()
+    return np.concatenate([order, order[np.arange(ds.padded_rows) % len(order)]])

@@ -1,0 +1,92 @@
+"""Helpers of the service tests (imported by conftest and the test modules)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from kdcache.core.shards import RECORDS_PREFIX, ShardRecord
+from kdcache.service import Settings
+
+ADMIN, WORKER, READ = "admin-secret", "worker-secret", "read-secret"
+ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
+WORKER_H = {"Authorization": f"Bearer {WORKER}"}
+READ_H = {"Authorization": f"Bearer {READ}"}
+
+
+def make_settings(root: Path, **overrides: Any) -> Settings:
+    """Settings with admin and worker tokens and open reads, unless overridden."""
+    values: dict[str, Any] = {"root": str(root), "admin_token": ADMIN, "worker_token": WORKER}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def serve(app: FastAPI, timeout: float = 15.0) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on a free loopback port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@dataclass(frozen=True)
+class BuiltCache:
+    """A cache written by the embedded runner: its root, id and completion records."""
+
+    root: Path
+    cache_id: str
+    records: dict[int, ShardRecord]
+
+    def copy_to(self, root: Path, keep: set[int] | None = None) -> Path:
+        """Copy the storage root (no database) keeping only the records of shards ``keep``."""
+        shutil.copytree(self.root / "caches", root / "caches")
+        records = root / "caches" / self.cache_id / RECORDS_PREFIX
+        for path in records.glob("*.json"):
+            if keep is not None and int(path.stem) not in keep:
+                path.unlink()
+        return root / "caches" / self.cache_id
+
+
+def claim(c: TestClient | httpx.Client, worker: str = "w", **body: Any) -> Any:
+    return c.post("/v1/leases", json={"worker": worker, **body}, headers=WORKER_H)
+
+
+def record_body(rec: ShardRecord) -> dict[str, Any]:
+    return {
+        "record": {
+            "shard": rec.shard,
+            "start": rec.start,
+            "end": rec.end,
+            "checksums": dict(rec.checksums),
+            "tokens": rec.tokens,
+            "seconds": rec.seconds,
+            "writer": dict(rec.writer),
+        }
+    }
