@@ -58,3 +58,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build demo-out .pytest_cache .mypy_cache .ruff_cache
+
+# The Docker Compose deployment, really run: builds every image offline on a private Docker
+# daemon, runs a job on two workers (one killed mid-shard), compares with an embedded run, and
+# removes all it made. Needs root; installs docker.io and debootstrap with apt-get if missing.
+.PHONY: test-compose
+test-compose: $(STAMP)
+	PY=$(abspath $(PY)) bash scripts/test_compose.sh

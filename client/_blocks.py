@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ __all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "read_rows"]
 
 MAX_RUN_BYTES = 64 << 20
 # the dtypes kdcache.client._fields.to_tensors gives; the fast path casts into them while decoding
-TENSOR_DTYPES = {
+TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
     "input_ids": np.dtype(np.int64),
     "topk_indices": np.dtype(np.int64),
     "topk_logprobs": np.dtype(np.float32),

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import google_crc32c
 import numcodecs.blosc
@@ -39,8 +40,8 @@ class FastLayout:
     shape: tuple[int, ...]
     shard: tuple[int, ...]
     inner: tuple[int, ...]
-    dtype: np.dtype
-    fill: float | int
+    dtype: np.dtype[Any]
+    fill: Any
 
     @classmethod
     def of(cls, arr: zarr.Array) -> FastLayout | None:
@@ -62,19 +63,18 @@ class FastLayout:
             and isinstance(sharding.index_codecs[1], Crc32cCodec)
             and sharding.index_location == ShardingCodecIndexLocation.end
         )
-        dtype = np.dtype(arr.dtype)  # type: ignore[arg-type]
+        dtype = np.dtype(arr.dtype)
         if not (inner_ok and index_ok) or dtype.byteorder == ">":
             return None
         if arr.metadata.encode_chunk_key((0,) * arr.ndim) != "c/" + "/".join(["0"] * arr.ndim):
             return None
-        fill = arr.metadata.fill_value
         return cls(
             path=arr.path,
             shape=tuple(arr.shape),
             shard=tuple(arr.shards or arr.chunks),
             inner=tuple(sharding.chunk_shape),
             dtype=dtype,
-            fill=fill.item() if hasattr(fill, "item") else fill,
+            fill=np.asarray(arr.fill_value, dtype=dtype).item(),
         )
 
     def key(self, shard: int) -> str:
@@ -173,9 +173,12 @@ class FastLayout:
         n = len(out_rows)
         dense = n == self.inner[0] and int(out_rows[-1]) - int(out_rows[0]) == n - 1
 
+        target: tuple[Any, ...] = (out_rows, *dst)
+        source: tuple[Any, ...] = (in_chunk, *region)
+
         def run() -> None:
             if start == _MISSING:
-                out[(out_rows, *dst)] = self.fill
+                out[target] = self.fill
                 return
             with open(path, "rb") as f:
                 raw = os.pread(f.fileno(), nbytes, start)
@@ -185,6 +188,6 @@ class FastLayout:
                 first = int(out_rows[0])
                 out[(slice(first, first + n), *dst)] = chunk[(slice(None), *region)]
             else:
-                out[(out_rows, *dst)] = chunk[(in_chunk, *region)]
+                out[target] = chunk[source]
 
         return run

@@ -47,14 +47,14 @@ class Sizes:
 
     vocab: int = 1024
     seq_len: int = 128
-    teacher_dim: int = 192
+    teacher_dim: int = 128
     teacher_layers: int = 4
-    teacher_steps: int = 350
-    teacher_lr: float = 2e-3
+    teacher_steps: int = 600
+    teacher_lr: float = 3e-3
     student_dim: int = 96
     student_layers: int = 2
     student_steps: int = 300
-    student_lr: float = 2e-3
+    student_lr: float = 3e-3
     batch: int = 16
     topk: int = 32
     kd_temperature: float = 2.0
@@ -191,8 +191,9 @@ def make_teacher(sizes: Sizes, seed: int, out: Path) -> tuple[Path, np.ndarray, 
     train_texts, val_texts = split_topics(seed, sizes.topics)
     teacher_dir = make_tokenizer(out / "teacher", train_texts, vocab_size=sizes.vocab)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(teacher_dir))
-    train, val = pack(tokenizer, train_texts, sizes.seq_len), pack(
-        tokenizer, val_texts, sizes.seq_len
+    train, val = (
+        pack(tokenizer, train_texts, sizes.seq_len),
+        pack(tokenizer, val_texts, sizes.seq_len),
     )
     print(
         f"corpus: {len(train_texts)} training topics -> {train.shape[0]} rows x {sizes.seq_len}"
@@ -276,8 +277,12 @@ def train_student(
         projector = HiddenProjector(layer_map, sizes.student_dim, m.hidden_size)
         params += list(projector.parameters())
 
+    # The demo's cache is small enough to read whole, once; a big one streams with CacheDataset.
+    data = cache.batch(np.arange(m.num_rows), fields)
+
     def step_loss(step: int) -> torch.Tensor:
-        batch = cache.batch(order[step], fields)
+        rows = torch.from_numpy(order[step])
+        batch = {k: v[rows] for k, v in data.items()}
         ids = batch["input_ids"]
         out = student(input_ids=ids, output_hidden_states=layer_map is not None)
         loss = next_token_loss(out.logits, ids)
@@ -365,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     header(f"results (seed {args.seed}, {time.perf_counter() - t_start:.0f}s in all)")
     print(f"cache size on disk        {size / 2**20:.2f} MiB")
     print(f"cache bytes/token         {size / n_tokens:.1f}  ({n_tokens} tokens)")
-    print(f"teacher pass              {wall:.1f} s  ({n_tokens / wall:,.0f} tokens/s, incl. start-up)")
+    print(
+        f"teacher pass              {wall:.1f} s  ({n_tokens / wall:,.0f} tokens/s, incl. start-up)"
+    )
     print("held-out loss (nats/token, lower is better)")
     print(f"  teacher                 {held_teacher:.3f}")
     for mode in MODES:

@@ -184,7 +184,8 @@ async def _on_kdcache_error(_request: Request, exc: Exception) -> Any:
 
 
 async def _on_validation_error(_request: Request, exc: Exception) -> Any:
-    assert isinstance(exc, RequestValidationError)  # registered for this class only
+    if not isinstance(exc, RequestValidationError):  # registered for this class only
+        raise exc
     problems = [
         {"field": _loc_field(e.get("loc", ())), "message": str(e.get("msg", "invalid"))}
         for e in exc.errors()
@@ -195,7 +196,8 @@ async def _on_validation_error(_request: Request, exc: Exception) -> Any:
 
 
 async def _on_http_error(_request: Request, exc: Exception) -> Any:
-    assert isinstance(exc, StarletteHTTPException)  # registered for this class only
+    if not isinstance(exc, StarletteHTTPException):  # registered for this class only
+        raise exc
     if exc.status_code == 400:
         # FastAPI's "error parsing the body" (e.g. not UTF-8): as invalid as malformed JSON (422).
         return _json(422, error_body("invalid_request", f"unreadable body: {exc.detail}", "body"))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from kdcache.core.errors import KDCacheError
@@ -69,11 +69,12 @@ class LeaseBook:
     def _lock(self) -> bool:
         return self.store.dialect != "sqlite"
 
-    def _load(self, s: Session, lease_id: str) -> _Owned:
+    def _load(self, s: Session, lease_id: str, *, lock: bool = True) -> _Owned:
+        """The lease, its shard (row-locked on PostgreSQL when ``lock``) and its job."""
         lease = s.get(LeaseRow, lease_id)
         if lease is None:
             raise NotFound(f"no lease {lease_id!r}")
-        shard = s.get(ShardRow, (lease.job_id, lease.shard), with_for_update=self._lock())
+        shard = s.get(ShardRow, (lease.job_id, lease.shard), with_for_update=lock and self._lock())
         job = s.get(JobRow, lease.job_id)
         if shard is None or job is None:
             raise NotFound(f"lease {lease_id!r} names a shard that no longer exists")
@@ -91,7 +92,12 @@ class LeaseBook:
 
     # -- claim ---------------------------------------------------------------------------------
 
-    def _next(self, s: Session, now: float, job_id: str | None) -> ShardRow | None:
+    @staticmethod
+    def next_shard_query(now: float, job_id: str | None, *, skip_locked: bool) -> Select[Any]:
+        """The next claimable shard: oldest active job, lowest pending (or expired) shard.
+
+        ``skip_locked`` (PostgreSQL) adds ``FOR UPDATE OF shards SKIP LOCKED``.
+        """
         q = (
             select(ShardRow)
             .join(JobRow, JobRow.id == ShardRow.job_id)
@@ -107,9 +113,12 @@ class LeaseBook:
         )
         if job_id is not None:
             q = q.where(ShardRow.job_id == job_id)
-        if self._lock():
+        if skip_locked:
             q = q.with_for_update(skip_locked=True, of=ShardRow)
-        return s.scalars(q).first()
+        return q
+
+    def _next(self, s: Session, now: float, job_id: str | None) -> ShardRow | None:
+        return s.scalars(self.next_shard_query(now, job_id, skip_locked=self._lock())).first()
 
     def _expire(self, s: Session, shard: ShardRow, job: JobRow, now: float) -> bool:
         """Take an expired lease's shard back; True when that used up the job's attempts."""
@@ -185,22 +194,26 @@ class LeaseBook:
 
     # -- heartbeat, complete, fail -------------------------------------------------------------
 
+    @staticmethod
+    def _refusal(o: _Owned) -> Conflict | None:
+        """Why this lease may not act any more (its job stopped, or it lost its shard)."""
+        if o.job.status not in ACTIVE_JOB_STATES:
+            return _job_stopped(o.job)
+        if not o.is_owner:
+            return _lease_lost(o.lease.id)
+        return None
+
     def heartbeat(self, lease_id: str) -> Heartbeat:
         """Extend a lease that still owns its shard; 409 when lost or the job stopped."""
-        now = time.time()
-        refusal: Conflict | None = None
+        deadline = time.time() + self.store.lease_seconds
         with self.store.write() as s:
             o = self._load(s, lease_id)
-            if o.job.status not in ACTIVE_JOB_STATES:
-                if o.is_owner:
-                    self._release(o.shard)
-                    o.lease.state = "released"
-                refusal = _job_stopped(o.job)
-            elif not o.is_owner:
-                refusal = _lease_lost(lease_id)
-            else:
-                deadline = now + self.store.lease_seconds
+            refusal = self._refusal(o)
+            if refusal is None:
                 o.shard.deadline = o.lease.deadline = deadline
+            elif o.is_owner:  # the job stopped: hand the shard back (a resubmission redoes it)
+                self._release(o.shard)
+                o.lease.state = "released"
         if refusal is not None:
             raise refusal
         return Heartbeat(deadline=deadline, cancelled=False)
@@ -238,23 +251,16 @@ class LeaseBook:
     def complete(self, lease_id: str, rec: RecordIn) -> Job:
         """Record a written shard and publish its completion record into the cache."""
         with self.store.read() as s:
-            o = self._load(s, lease_id)
-            if o.job.status not in ACTIVE_JOB_STATES:
-                raise _job_stopped(o.job)
-            if not o.is_owner:
-                raise _lease_lost(lease_id)
-        self._check_record(o, rec)
+            o = self._load(s, lease_id, lock=False)
+            if (refusal := self._refusal(o)) is not None:
+                raise refusal
+        self._check_record(o, rec)  # reads the cache: outside the write transaction
         record = ShardRecord(**rec.model_dump())
-        now = time.time()
-        refusal: Conflict | None = None
         with self.store.write() as s:
             o = self._load(s, lease_id)
-            if o.job.status not in ACTIVE_JOB_STATES:
-                refusal = _job_stopped(o.job)
-            elif not o.is_owner:
-                refusal = _lease_lost(lease_id)
-            else:
-                self._mark_done(s, o, record, now)
+            refusal = self._refusal(o)
+            if refusal is None:
+                self._mark_done(s, o, record, time.time())
                 # Published inside the transaction: a failed write rolls the completion back.
                 write_record(open_storage(self.store.cache_url(o.job.cache_id)), record)
                 view = self.store.view(s, o.job)
@@ -264,7 +270,7 @@ class LeaseBook:
 
     def _mark_done(self, s: Session, o: _Owned, record: ShardRecord, now: float) -> None:
         o.shard.status, o.shard.lease_id, o.shard.deadline = "done", None, None
-        o.shard.record = _record_dict(record)
+        o.shard.record = asdict(record)
         o.shard.tokens, o.shard.completed_at = record.tokens, now
         o.lease.state = "done"
         o.job.updated_at = now
@@ -281,14 +287,10 @@ class LeaseBook:
     def fail(self, lease_id: str, message: str, retryable: bool = True) -> Job:
         """A worker gave up on its shard: retry it, or fail the job with the message."""
         now = time.time()
-        refusal: Conflict | None = None
         with self.store.write() as s:
             o = self._load(s, lease_id)
-            if o.job.status not in ACTIVE_JOB_STATES:
-                refusal = _job_stopped(o.job)
-            elif not o.is_owner:
-                refusal = _lease_lost(lease_id)
-            else:
+            refusal = self._refusal(o)
+            if refusal is None:
                 o.lease.state = "failed"
                 self._release(o.shard)
                 o.job.updated_at = now
@@ -302,15 +304,3 @@ class LeaseBook:
         if refusal is not None:
             raise refusal
         return view
-
-
-def _record_dict(record: ShardRecord) -> dict[str, Any]:
-    return {
-        "shard": record.shard,
-        "start": record.start,
-        "end": record.end,
-        "checksums": dict(record.checksums),
-        "tokens": record.tokens,
-        "seconds": record.seconds,
-        "writer": dict(record.writer),
-    }

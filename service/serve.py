@@ -26,13 +26,13 @@ def _media_type(key: str) -> str:
 
 def _check(files: CacheFiles, store: JobStore, cache_id: str, key: str) -> FileStat:
     """The key's stat when it may be served; NotFound otherwise (never says why it is hidden)."""
-    if not valid_cache_id(cache_id) or not store.has_cache(cache_id):
+    if not valid_cache_id(cache_id) or not store.caches.exists(cache_id):
         raise NotFound(f"no cache {cache_id!r}")
     kind = classify_key(key, files.manifest(cache_id))
     missing = NotFound(f"no key {key!r} in cache {cache_id}")
     if kind is None:
         raise missing
-    if kind.shard is not None and not store.shard_done(cache_id, kind.shard):
+    if kind.shard is not None and not store.caches.shard_done(cache_id, kind.shard):
         raise NotFound(f"shard {kind.shard} of cache {cache_id} is not complete")
     st = files.stat(cache_id, key)
     if st is None:

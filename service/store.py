@@ -1,7 +1,8 @@
 """The job store: jobs, their shards and caches, on SQLAlchemy (SQLite or PostgreSQL).
 
-Leases live in :mod:`kdcache.service.leasing` (``store.leases``); this module owns the engine,
-sessions, submission, listing and the Job view with its progress numbers.
+Leases live in :mod:`kdcache.service.leasing` (``store.leases``) and the cache index in
+:mod:`kdcache.service.cache_index` (``store.caches``); this module owns the engine, sessions,
+submission, listing, cancelling and the Job view with its progress numbers.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from kdcache.service.db import (
     make_engine,
 )
 from kdcache.service.errors import Conflict, NotFound
-from kdcache.service.schemas import CacheDetail, CacheSummary, Job
+from kdcache.service.schemas import Job
 
-__all__ = ["JobStore", "MetricsSnapshot", "cache_url"]
+__all__ = ["JobStats", "JobStore", "MetricsSnapshot", "cache_url"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def _iso(ts: float) -> datetime:
 
 
 @dataclass(frozen=True)
-class _Stats:
+class JobStats:
+    """Sums over a job's done shards; ``fresh_*`` only those completed under this job."""
+
     shards_done: int = 0
     rows_done: int = 0
     tokens_done: int = 0
@@ -76,6 +79,7 @@ class JobStore:
     def __init__(
         self, db_url: str, root: str, *, lease_seconds: float = 120.0, max_attempts: int = 3
     ) -> None:
+        from kdcache.service.cache_index import CacheIndex
         from kdcache.service.leasing import LeaseBook
 
         self.root = root
@@ -84,6 +88,7 @@ class JobStore:
         self.engine = make_engine(db_url)
         self._write_engine = self.engine.execution_options(**{WRITE: True})
         self.leases = LeaseBook(self)
+        self.caches = CacheIndex(self)
 
     def open(self) -> None:
         """Create or check the schema (refuses a newer one)."""
@@ -117,7 +122,7 @@ class JobStore:
 
     # -- views ---------------------------------------------------------------------------------
 
-    def _stats(self, s: Session, job_ids: Sequence[str]) -> dict[str, _Stats]:
+    def stats(self, s: Session, job_ids: Sequence[str]) -> dict[str, JobStats]:
         if not job_ids:
             return {}
         done = ShardRow.status == "done"
@@ -135,9 +140,9 @@ class JobStore:
             .where(ShardRow.job_id.in_(job_ids))
             .group_by(ShardRow.job_id)
         )
-        return {r[0]: _Stats(*(int(v or 0) for v in r[1:])) for r in s.execute(q)}
+        return {r[0]: JobStats(*(int(v or 0) for v in r[1:])) for r in s.execute(q)}
 
-    def job_view(self, row: JobRow, stats: _Stats, now: float | None = None) -> Job:
+    def job_view(self, row: JobRow, stats: JobStats, now: float | None = None) -> Job:
         """The API's Job, with rate and ETA from the shards completed under this job."""
         now = time.time() if now is None else now
         tokens_per_s = eta_s = None
@@ -169,7 +174,7 @@ class JobStore:
         )
 
     def view(self, s: Session, row: JobRow) -> Job:
-        return self.job_view(row, self._stats(s, [row.id]).get(row.id, _Stats()))
+        return self.job_view(row, self.stats(s, [row.id]).get(row.id, JobStats()))
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -187,9 +192,9 @@ class JobStore:
             if status is not None:
                 q = q.where(JobRow.status == status)
             rows = list(s.scalars(q.limit(limit).offset(offset)))
-            stats = self._stats(s, [r.id for r in rows])
+            stats = self.stats(s, [r.id for r in rows])
             now = time.time()
-            return [self.job_view(r, stats.get(r.id, _Stats()), now) for r in rows]
+            return [self.job_view(r, stats.get(r.id, JobStats()), now) for r in rows]
 
     def _live_job(self, s: Session, cache_id: str) -> JobRow | None:
         q = select(JobRow).where(JobRow.cache_id == cache_id, JobRow.status.in_(LIVE_JOB_STATES))
@@ -313,87 +318,6 @@ class JobStore:
                 row.status, row.updated_at, row.finished_at = "cancelled", now, now
                 log.info("job %s cancelled", job_id)
             return self.view(s, row)
-
-    # -- caches --------------------------------------------------------------------------------
-
-    def _latest_jobs(self, s: Session, cache_id: str | None = None) -> list[JobRow]:
-        q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
-        if cache_id is not None:
-            q = q.where(JobRow.cache_id == cache_id)
-        seen: dict[str, JobRow] = {}
-        for row in s.scalars(q):
-            seen.setdefault(row.cache_id, row)
-        return list(seen.values())
-
-    def list_caches(self) -> list[CacheSummary]:
-        with self.read() as s:
-            rows = self._latest_jobs(s)
-            stats = self._stats(s, [r.id for r in rows])
-            out = []
-            for r in rows:
-                st = stats.get(r.id, _Stats())
-                out.append(
-                    CacheSummary(
-                        cache_id=r.cache_id,
-                        name=r.name,
-                        job_id=r.id,
-                        status=r.status,
-                        shards_done=st.shards_done,
-                        shards_total=r.shards_total,
-                        rows_done=st.rows_done,
-                        num_rows=r.rows_total,
-                    )
-                )
-            return out
-
-    def completed_records(self, cache_id: str) -> tuple[JobRow, dict[int, dict[str, Any]]]:
-        """The cache's latest job and every completed shard's record (over all its jobs)."""
-        with self.read() as s:
-            latest = self._latest_jobs(s, cache_id)
-            if not latest:
-                raise NotFound(f"no cache {cache_id!r}")
-            q = (
-                select(ShardRow.shard, ShardRow.record)
-                .join(JobRow, JobRow.id == ShardRow.job_id)
-                .where(JobRow.cache_id == cache_id, ShardRow.status == "done")
-                .order_by(ShardRow.shard)
-            )
-            records: dict[int, dict[str, Any]] = {}
-            for shard, rec in s.execute(q):
-                if rec is not None:
-                    records.setdefault(shard, rec)
-            return latest[0], records
-
-    def cache_detail(self, cache_id: str, manifest: dict[str, Any] | None) -> CacheDetail:
-        job, records = self.completed_records(cache_id)
-        return CacheDetail(
-            cache_id=cache_id,
-            manifest=manifest,
-            shards_total=job.shards_total,
-            shards_done=len(records),
-            complete=len(records) == job.shards_total,
-            completed=[records[k] for k in sorted(records)],
-        )
-
-    def has_cache(self, cache_id: str) -> bool:
-        with self.read() as s:
-            q = select(JobRow.id).where(JobRow.cache_id == cache_id).limit(1)
-            return s.execute(q).first() is not None
-
-    def shard_done(self, cache_id: str, shard: int) -> bool:
-        """True once any job of this cache completed ``shard``."""
-        with self.read() as s:
-            q = (
-                select(ShardRow.shard)
-                .join(JobRow, JobRow.id == ShardRow.job_id)
-                .where(
-                    JobRow.cache_id == cache_id,
-                    ShardRow.shard == shard,
-                    ShardRow.status == "done",
-                )
-                .limit(1)
-            )
-            return s.execute(q).first() is not None
 
     # -- operations ----------------------------------------------------------------------------
 

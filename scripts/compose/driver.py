@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="write the test data")

@@ -24,7 +24,7 @@ _RAW = {"content": {"application/octet-stream": {"schema": {"type": "string", "f
 @router.get("", response_model=CacheList, responses=error_responses(401, 403))
 def list_caches(store: StoreDep) -> CacheList:
     """Every cache the service knows, with its latest job's progress."""
-    return CacheList(caches=store.list_caches())
+    return CacheList(caches=store.caches.summaries())
 
 
 @router.get("/{cache_id}", response_model=CacheDetail, responses=error_responses(401, 403, 404))
@@ -32,7 +32,7 @@ def get_cache(cache_id: str, store: StoreDep, files: FilesDep) -> CacheDetail:
     """The manifest and the completion record of every completed shard."""
     if not valid_cache_id(cache_id):
         raise NotFound(f"no cache {cache_id!r}")
-    return store.cache_detail(cache_id, files.manifest(cache_id))
+    return store.caches.detail(cache_id, files.manifest(cache_id))
 
 
 _STORE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -61,7 +61,7 @@ def get_store_key(
     request: Request,
     store: StoreDep,
     files: FilesDep,
-    range_: Annotated[str | None, Header(alias="Range", max_length=1000)] = None,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
     if_range: Annotated[str | None, Header(max_length=1000)] = None,
 ) -> Response:

@@ -4,6 +4,7 @@ layout, equal batch counts, and one global order whatever the world size or work
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 from test_dataset_support import global_sequence, padded_order, rank_batches, rows
@@ -14,9 +15,9 @@ from kdcache.client.dataset import CacheDataset
 WINDOW = 8  # one shard per shuffle window for the rows_per_shard=8 caches
 
 
-def layout(url: str, world: int, **kw: object) -> list[CacheDataset]:
+def layout(url: str, world: int, **kw: Any) -> list[CacheDataset]:
     return [
-        CacheDataset(url, rank=r, world_size=world, seed=3, shuffle_window=WINDOW, **kw)  # type: ignore[arg-type]
+        CacheDataset(url, rank=r, world_size=world, seed=3, shuffle_window=WINDOW, **kw)
         for r in range(world)
     ]
 
@@ -85,8 +86,8 @@ def test_order_depends_on_seed_epoch_and_cache(cache_dir37: str) -> None:
     other_seed = CacheDataset(cache_dir37, seed=4, shuffle_window=WINDOW)
     assert rows(iter(other_seed)) != first
     kw = {"seed": 3, "epoch": 0, "shuffle": True, "window_shards": 2}
-    a = EpochOrder(37, 8, cache_id="a" * 32, **kw).all_rows()  # type: ignore[arg-type]
-    b = EpochOrder(37, 8, cache_id="b" * 32, **kw).all_rows()  # type: ignore[arg-type]
+    a = EpochOrder(37, 8, cache_id="a" * 32, **kw).all_rows()
+    b = EpochOrder(37, 8, cache_id="b" * 32, **kw).all_rows()
     assert a.tolist() != b.tolist()
 
 

@@ -77,5 +77,5 @@ def test_dataset_iterator_close_stops_its_thread(cache_dir37: str) -> None:
     it = iter(ds)
     assert len(list(islice(it, 3))) == 3
     assert any(t.name == "kdcache-prefetch" for t in threading.enumerate())
-    it.close()  # type: ignore[attr-defined]
+    it.close()
     assert not any(t.name == "kdcache-prefetch" for t in threading.enumerate())

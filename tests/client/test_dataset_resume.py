@@ -3,6 +3,8 @@ from that point, with the same or another world size, and refuses what it cannot
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from test_dataset_support import global_sequence, padded_order, rank_batches, rows, take
 
@@ -11,11 +13,11 @@ from kdcache.client.dataset import CacheDataset, ResumeError
 WINDOW = 8
 
 
-def ranks(url: str, world: int, batch: int | None, **kw: object) -> list[CacheDataset]:
+def ranks(url: str, world: int, batch: int | None, **kw: Any) -> list[CacheDataset]:
     return [
         CacheDataset(
             url, rank=r, world_size=world, batch_size=batch, seed=5, shuffle_window=WINDOW, **kw
-        )  # type: ignore[arg-type]
+        )
         for r in range(world)
     ]
 

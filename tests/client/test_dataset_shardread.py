@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from kdcache.client._shardread import FastLayout
 from kdcache.core.errors import IntegrityError
 
 
-def _array(root: Path, dtype: str = "float16", **kw: object) -> tuple[zarr.Array, np.ndarray]:
+def _array(
+    root: Path, dtype: str = "float16", compressors: Any = None
+) -> tuple[zarr.Array, np.ndarray]:
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((23, 12, 3)) * 10).astype(dtype)
     data[6:12] = 0  # one whole shard equal to the fill value: never written
@@ -29,7 +32,7 @@ def _array(root: Path, dtype: str = "float16", **kw: object) -> tuple[zarr.Array
         chunks=(2, 4, 3),
         shards=(6, 12, 3),
         fill_value=0,
-        compressors=kw.get("compressors", BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")),
+        compressors=compressors or BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
     )
     arr[:] = data
     return arr, data

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import threading
+import time
 import types
 from collections.abc import Iterator
 from itertools import islice
+from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import numpy as np
+import pytest
 
 from kdcache.client.dataset import CacheDataset
+from kdcache.core.spec import parse_spec
+from kdcache.worker import toy
+from kdcache.worker.runner import run_job
 
 # what tests/client/conftest.py puts in its caches
 SEQ_LEN = 16
@@ -69,7 +78,7 @@ def take(ds: CacheDataset, n: int) -> list[int]:
     """The first ``n`` rows of a pass, iterated in this process (so the dataset counts them)."""
     it = iter(ds)
     got = rows(islice(it, n))
-    it.close()  # type: ignore[attr-defined]
+    it.close()
     return got
 
 
@@ -77,3 +86,59 @@ def padded_order(ds: CacheDataset) -> np.ndarray:
     """The epoch order followed by the rows a full pass repeats as padding."""
     order = ds.epoch_order().all_rows()
     return np.concatenate([order, order[np.arange(ds.padded_rows) % len(order)]])
+
+
+class CacheFactory:
+    """Builds caches under a session temp dir; remembers each one's job spec and root."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, teacher: Path) -> None:
+        self.tmp, self.teacher = tmp, teacher
+        self.made: dict[tuple[int, int], str] = {}
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.roots: dict[str, Path] = {}
+
+    def __call__(self, n_rows: int = 37, rows_per_shard: int = 8) -> str:
+        if (n_rows, rows_per_shard) not in self.made:
+            base = self.tmp.mktemp(f"cache-{n_rows}-{rows_per_shard}")
+            tokens = toy.make_tokens(base / "tokens.npy", n_rows, SEQ_LEN, 320, seed=n_rows)
+            spec = {
+                "teacher": {"hf": str(self.teacher), "dtype": "float32", "device": "cpu"},
+                "dataset": {"tokens": str(tokens)},
+                "outputs": {"topk": TOPK, "temperatures": TEMPERATURES, "hidden_layers": LAYERS},
+                "rows_per_shard": rows_per_shard,
+                "batch_size": 16,
+            }
+            url = run_job(parse_spec(spec), base / "root")
+            self.made[(n_rows, rows_per_shard)] = url
+            self.specs[url], self.roots[url] = spec, base / "root"
+        return self.made[(n_rows, rows_per_shard)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(app: Any, timeout: float = 15.0) -> Iterator[str]:
+    """Run an ASGI ``app`` under a real uvicorn on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

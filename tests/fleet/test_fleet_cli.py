@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from fleet_helpers import Fleet, fleet_env, free_port
+from fleet_helpers import Fleet, free_port
+
+from kdcache.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,11 @@ def _write_job(folder: Path, teacher: Path, tokens: Path, **outputs: object) -> 
 
 
 def test_submit_wait_and_jobs(
-    fleet: Fleet, tiny_teacher_dir: Path, tokens_npy: Path, tmp_path: Path
+    fleet: Fleet,
+    tiny_teacher_dir: Path,
+    tokens_npy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     job_file = _write_job(tmp_path / "spec", tiny_teacher_dir, tokens_npy)
     worker = fleet.worker(max_idle=20)
@@ -46,40 +50,47 @@ def test_submit_wait_and_jobs(
     assert lines[-1] == f"{fleet.url}/v1/caches/{cache_id}"
     job_id = lines[0].split()[2]
 
-    listing = fleet.cli("jobs", "--server", fleet.url)
-    assert listing.returncode == 0, listing.stderr
-    header, *rows = listing.stdout.strip().splitlines()
+    capsys.readouterr()
+    assert main(["jobs", "--server", fleet.url]) == 0
+    header, *rows = capsys.readouterr().out.strip().splitlines()
     assert header.split()[:3] == ["ID", "NAME", "STATUS"]
     mine = [r for r in rows if r.startswith(job_id)]
     assert len(mine) == 1 and " done " in mine[0] and "2/2" in mine[0] and cache_id in mine[0]
-    only_failed = fleet.cli("jobs", "--server", fleet.url, "--status", "failed")
-    assert job_id not in only_failed.stdout
+    assert main(["jobs", "--server", fleet.url, "--status", "failed"]) == 0
+    assert job_id not in capsys.readouterr().out
 
-    again = fleet.cli("submit", str(job_file), "--server", fleet.url)
-    assert again.returncode == 0 and f"job {job_id}" in again.stdout, again.stdout
+    assert main(["submit", str(job_file), "--server", fleet.url]) == 0  # the same cache again
+    again = capsys.readouterr().out
+    assert f"job {job_id}" in again and again.strip().endswith(cache_id), again
 
 
 def test_submit_bad_spec_exits_2_naming_the_field(
-    fleet: Fleet, tiny_teacher_dir: Path, tokens_npy: Path, tmp_path: Path
+    fleet: Fleet,
+    tiny_teacher_dir: Path,
+    tokens_npy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     job_file = _write_job(tmp_path, tiny_teacher_dir, tokens_npy, topk=100_000)
-    res = fleet.cli("submit", str(job_file), "--server", fleet.url)
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert "outputs.topk" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert main(["submit", str(job_file), "--server", fleet.url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: outputs.topk: ") and "Traceback" not in err, err
 
     (tmp_path / "data" / "tokens.npy").unlink()
-    res = fleet.cli("submit", str(job_file), "--server", fleet.url)
-    assert res.returncode == 2 and "dataset.tokens" in res.stderr, res.stderr
+    assert main(["submit", str(job_file), "--server", fleet.url]) == 2
+    assert "error: dataset.tokens: " in capsys.readouterr().err
 
 
-def test_jobs_needs_a_reachable_server(slow_teacher_dir: Path) -> None:
-    env = fleet_env(slow_teacher_dir)  # no KDCACHE_SERVER in it
+def test_commands_need_a_reachable_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KDCACHE_SERVER", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["jobs"])
+    assert exit_info.value.code == 2
+    assert "KDCACHE_SERVER" in capsys.readouterr().err
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "kdcache.cli", *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-
-    res = cli("jobs")
-    assert res.returncode == 2 and "KDCACHE_SERVER" in res.stderr, res.stderr
-    res = cli("jobs", "--server", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    assert res.returncode == 1 and res.stderr.startswith("error: "), res.stderr
+    monkeypatch.setattr("kdcache.client.rest.time.sleep", lambda _s: None)  # no retry backoff
+    assert main(["jobs", "--server", f"http://127.0.0.1:{free_port()}"]) == 1  # nobody there
+    err = capsys.readouterr().err
+    assert err.startswith("error: unreachable: ") and len(err.strip().splitlines()) == 1, err

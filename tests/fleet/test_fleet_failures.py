@@ -118,25 +118,33 @@ def test_killed_worker_shard_is_redone(
     assert readers.seen["incomplete"] > 0, readers.seen
 
 
-@pytest.mark.parametrize("release", [False, True], ids=["finish", "release"])
 def test_sigterm_finishes_or_releases_the_shard(
-    fleet_factory: Callable[..., Fleet], slow_tokens: Path, tmp_path: Path, release: bool
+    fleet_factory: Callable[..., Fleet], slow_tokens: Path, tmp_path: Path
 ) -> None:
+    """First SIGTERM: the worker finishes its shard and exits 0. With --release-on-term: it gives
+    the shard back at the next batch and exits 0. A third worker finishes the job."""
     spec = slow_spec(slow_tokens)
     fleet = fleet_factory(sleep=SLEEP)
     job = fleet.submit(spec)
-    first = fleet.worker(*(["--release-on-term"] if release else []))
-    _mid_shard(fleet, first, job["id"])
-    first.send_signal(signal.SIGTERM)
-    assert fleet.wait_exit(first, timeout=30) == 0, fleet.log_of(first)
-    log = fleet.log_of(first)
     directory = str(fleet.root / "caches" / job["cache_id"])
-    by_first = [s for s, pid in records_by_writer(directory).items() if pid == first.pid]
-    if release:
-        assert "releasing" in log and by_first == [], log
-    else:
-        assert "finishing the current shard" in log and len(by_first) == 1, log
-    second = fleet.worker()
+    finisher = fleet.worker()
+    _mid_shard(fleet, finisher, job["id"])
+    finisher.send_signal(signal.SIGTERM)  # it takes no new shard: the next worker gets one
+    releaser = fleet.worker("--release-on-term")
+    assert fleet.wait_exit(finisher) == 0, fleet.log_of(finisher)
+    _mid_shard(fleet, releaser, job["id"])
+    releaser.send_signal(signal.SIGTERM)
+    assert fleet.wait_exit(releaser) == 0, fleet.log_of(releaser)
+    closer = fleet.worker(max_idle=1.5)
     fleet.wait_job(job["id"], timeout=90)
-    assert fleet.wait_exit(second) == 0, fleet.log_of(second)
+    assert fleet.wait_exit(closer) == 0, fleet.log_of(closer)
+
+    writers = records_by_writer(directory)
+    finished, released = fleet.log_of(finisher), fleet.log_of(releaser)
+    assert "finishing the current shard" in finished, finished
+    assert "1 shards completed" in finished, finished
+    assert list(writers.values()).count(finisher.pid) == 1, (writers, finished)
+    assert "releasing shard" in released and "1 released" in released, released
+    assert releaser.pid not in writers.values(), (writers, released)
+    assert list(writers.values()).count(closer.pid) == 2, writers
     assert_same_cache(directory, embedded_cache(spec, tmp_path / "embedded"))

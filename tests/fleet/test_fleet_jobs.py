@@ -38,7 +38,7 @@ def done_job(
     fleet = new_fleet(tmp_path_factory.mktemp("fleet-two"), slow_teacher_dir).start()
     try:
         job = fleet.submit(spec)
-        workers = [fleet.worker(), fleet.worker()]
+        workers = [fleet.worker(max_idle=1.5), fleet.worker(max_idle=1.5)]
         done = fleet.wait_job(job["id"], timeout=90)
         for w in workers:
             assert fleet.wait_exit(w) == 0, fleet.log_of(w)

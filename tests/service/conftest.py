@@ -11,12 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _svc import BuiltCache, make_settings
+from _svc import BuiltCache, drop_postgres_databases, make_settings
 from fastapi.testclient import TestClient
 
 from kdcache.core.shards import list_records
 from kdcache.core.storage import open_storage
 from kdcache.service import Settings, create_app
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    yield
+    drop_postgres_databases()
 
 
 @pytest.fixture

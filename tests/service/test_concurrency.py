@@ -1,13 +1,13 @@
-"""16 workers hammering POST /v1/leases on a real uvicorn and a SQLite file."""
+"""16 workers hammering POST /v1/leases on a real uvicorn and a SQLite file (or PostgreSQL)."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
 import httpx
 from _svc import ADMIN_H, WORKER_H, make_settings, serve
+from sqlalchemy import create_engine, text
 
 from kdcache.service import create_app
 from kdcache.worker import toy
@@ -41,7 +41,8 @@ def test_every_shard_is_leased_exactly_once(tmp_path: Path, tiny_teacher_dir: Pa
                 with lock:
                     leases.append((r.json()["shard"], r.json()["id"]))
 
-    with serve(create_app(make_settings(root))) as url:
+    settings = make_settings(root)
+    with serve(create_app(settings)) as url:
         job = httpx.post(f"{url}/v1/jobs", json=spec, headers=ADMIN_H).json()
         assert job["shards_total"] == N_SHARDS
         threads = [threading.Thread(target=worker, args=(url, i)) for i in range(N_WORKERS)]
@@ -54,8 +55,11 @@ def test_every_shard_is_leased_exactly_once(tmp_path: Path, tiny_teacher_dir: Pa
     assert set(statuses) == {200, 204}  # no 409/500/503 under contention
     shards = sorted(s for s, _ in leases)
     assert shards == list(range(N_SHARDS))  # each shard once: no duplicates, no gaps
-    con = sqlite3.connect(root / "kdcache.db")
-    owners = con.execute("SELECT shard, lease_id FROM shards WHERE job_id = ?", (job["id"],))
-    assert dict(owners.fetchall()) == dict(leases)
-    assert con.execute("SELECT COUNT(*) FROM leases").fetchone() == (N_SHARDS,)
-    con.close()
+    engine = create_engine(settings.db_url)
+    with engine.connect() as con:
+        owners = con.execute(
+            text("SELECT shard, lease_id FROM shards WHERE job_id = :j"), {"j": job["id"]}
+        )
+        assert dict(owners.all()) == dict(leases)
+        assert con.execute(text("SELECT COUNT(*) FROM leases")).scalar_one() == N_SHARDS
+    engine.dispose()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _svc import ADMIN_H, make_settings
+from _svc import ADMIN_H, PG_ENV, WORKER_H, fresh_postgres_url, make_settings
 from fastapi.testclient import TestClient
 
 from kdcache.core.resolve import resolve_job
@@ -46,7 +46,10 @@ def test_a_newer_schema_refuses_to_start(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(SchemaVersionError, match="upgrade kdcache"):
         _store(db)
-    with pytest.raises(SchemaVersionError), TestClient(create_app(make_settings(db.parent))):
+    with (
+        pytest.raises(SchemaVersionError),
+        TestClient(create_app(make_settings(db.parent, db_url=f"sqlite:///{db}"))),
+    ):
         pass
 
 
@@ -74,10 +77,14 @@ def test_write_transactions_take_the_lock_up_front(tmp_path: Path) -> None:
     store.close()
 
 
-def test_claims_from_many_stores_on_one_file_never_collide(
-    tmp_path: Path, tiny_teacher_dir: Path
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_claims_from_many_stores_on_one_database_never_collide(
+    tmp_path: Path, tiny_teacher_dir: Path, dialect: str
 ) -> None:
     """Separate engines (as separate processes would have) claim disjoint shards."""
+    url = f"sqlite:///{tmp_path / 'k.db'}" if dialect == "sqlite" else fresh_postgres_url()
+    if url is None:
+        pytest.skip(f"set {PG_ENV} to run against PostgreSQL")
     from kdcache.worker import toy
 
     tokens = toy.make_tokens(tmp_path / "t.npy", 48, 4, 320)
@@ -91,7 +98,9 @@ def test_claims_from_many_stores_on_one_file_never_collide(
             }
         )
     )
-    stores = [_store(tmp_path / "k.db") for _ in range(4)]
+    stores = [JobStore(url, str(tmp_path)) for _ in range(4)]
+    for store in stores:
+        store.open()
     stores[0].submit(plan)
     got: list[int] = []
     lock = threading.Lock()
@@ -129,3 +138,40 @@ def test_concurrent_submits_of_one_spec_make_one_job(
         t.join(60)
     assert sorted(codes) == [200] * 5 + [201]
     assert len(ids) == 1
+
+
+def test_the_postgresql_claim_skips_locked_rows() -> None:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from kdcache.service.leasing import LeaseBook
+
+    pg = str(
+        LeaseBook.next_shard_query(0.0, None, skip_locked=True).compile(
+            dialect=postgresql.dialect()
+        )
+    )
+    assert pg.rstrip().endswith("FOR UPDATE OF shards SKIP LOCKED")
+    assert "ORDER BY jobs.created_at, jobs.id, shards.shard" in pg
+    lite = str(
+        LeaseBook.next_shard_query(0.0, None, skip_locked=False).compile(dialect=sqlite.dialect())
+    )
+    assert "FOR UPDATE" not in lite
+
+
+def test_a_locked_database_is_503_with_retry_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_client: Any
+) -> None:
+    monkeypatch.setattr("kdcache.service.db.SQLITE_BUSY_MS", 200)
+    db = tmp_path / "root" / "kdcache.db"
+    c: TestClient = make_client(make_settings(db.parent, db_url=f"sqlite:///{db}"))
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        r = c.post("/v1/leases", json={"worker": "w"}, headers=WORKER_H)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "unavailable"
+    assert c.post("/v1/leases", json={"worker": "w"}, headers=WORKER_H).status_code == 204

@@ -73,6 +73,22 @@ def test_expired_lease_returns_the_shard_and_stale_completion_is_409(
     assert "kdcache_lease_expiries_total 1" in c.get("/metrics").text
 
 
+def test_an_expired_lease_not_yet_re_leased_may_still_complete(
+    cache_root: Path, built_cache: BuiltCache, spec: dict[str, Any], make_client: Any
+) -> None:
+    c = make_client(make_settings(cache_root, lease_seconds=0.2))
+    c.post("/v1/jobs", json=spec, headers=ADMIN_H)
+    lease = claim(c).json()
+    _wait_past(lease["deadline"])
+    r = c.post(
+        f"/v1/leases/{lease['id']}/complete",
+        json=record_body(built_cache.records[0]),
+        headers=WORKER_H,
+    )
+    assert r.status_code == 200 and r.json()["shards_done"] == 1
+    assert claim(c).json()["shard"] == 1  # shard 0 is done, not back in the queue
+
+
 def test_heartbeat_extends_and_revives_an_expired_unclaimed_lease(
     client: TestClient, spec: dict[str, Any], make_client: Any, tmp_path: Path
 ) -> None:

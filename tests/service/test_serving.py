@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 import zarr
 import zarr.storage
 from _svc import ADMIN_H, BuiltCache, make_settings, serve
@@ -167,3 +168,20 @@ def test_zarr_fsspec_store_over_http_reads_the_local_arrays(
     hidden_rows = np.asarray(remote["input_ids"][6:8])  # type: ignore[index]
     assert (hidden_rows == 0).all()
     assert (np.asarray(local["input_ids"][6:8]) != 0).any()  # type: ignore[index]
+
+
+def test_teacher_cache_reads_the_service_like_the_directory(
+    served: tuple[str, str, Path],
+) -> None:
+    from kdcache.client import TeacherCache
+    from kdcache.core.errors import ShardIncompleteError
+
+    url, cid, cache_dir = served
+    remote, local = TeacherCache(f"{url}/v1/caches/{cid}"), TeacherCache(str(cache_dir))
+    assert remote.manifest == local.manifest and not remote.is_complete
+    got, want = remote.batch([0, 3, 5]), local.batch([0, 3, 5])
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    with pytest.raises(ShardIncompleteError):
+        remote.batch([6])

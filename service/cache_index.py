@@ -1,0 +1,110 @@
+"""The cache index: which caches the service knows, and which of their shards are complete.
+
+A cache can have several jobs (a failed or cancelled one, then a resubmission); a shard is
+complete once any of them completed it, and the latest job stands for the cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kdcache.service.db import JobRow, ShardRow
+from kdcache.service.errors import NotFound
+from kdcache.service.schemas import CacheDetail, CacheSummary
+from kdcache.service.store import JobStats
+
+if TYPE_CHECKING:
+    from kdcache.service.store import JobStore
+
+__all__ = ["CacheIndex"]
+
+
+class CacheIndex:
+    """Cache queries on a :class:`~kdcache.service.store.JobStore`."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def _latest_jobs(self, s: Session, cache_id: str | None = None) -> list[JobRow]:
+        q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
+        if cache_id is not None:
+            q = q.where(JobRow.cache_id == cache_id)
+        seen: dict[str, JobRow] = {}
+        for row in s.scalars(q):
+            seen.setdefault(row.cache_id, row)
+        return list(seen.values())
+
+    def summaries(self) -> list[CacheSummary]:
+        with self.store.read() as s:
+            rows = self._latest_jobs(s)
+            stats = self.store.stats(s, [r.id for r in rows])
+            out = []
+            for r in rows:
+                st = stats.get(r.id, JobStats())
+                out.append(
+                    CacheSummary(
+                        cache_id=r.cache_id,
+                        name=r.name,
+                        job_id=r.id,
+                        status=r.status,
+                        shards_done=st.shards_done,
+                        shards_total=r.shards_total,
+                        rows_done=st.rows_done,
+                        num_rows=r.rows_total,
+                    )
+                )
+            return out
+
+    def completed_records(self, cache_id: str) -> tuple[JobRow, dict[int, dict[str, Any]]]:
+        """The cache's latest job and every completed shard's record (over all its jobs)."""
+        with self.store.read() as s:
+            latest = self._latest_jobs(s, cache_id)
+            if not latest:
+                raise NotFound(f"no cache {cache_id!r}")
+            q = (
+                select(ShardRow.shard, ShardRow.record)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(JobRow.cache_id == cache_id, ShardRow.status == "done")
+                .order_by(ShardRow.shard)
+            )
+            records: dict[int, dict[str, Any]] = {}
+            for shard, rec in s.execute(q):
+                if rec is not None:
+                    records.setdefault(shard, rec)
+            return latest[0], records
+
+    def detail(self, cache_id: str, manifest: dict[str, Any] | None) -> CacheDetail:
+        job, records = self.completed_records(cache_id)
+        return CacheDetail(
+            cache_id=cache_id,
+            manifest=manifest,
+            shards_total=job.shards_total,
+            shards_done=len(records),
+            complete=len(records) == job.shards_total,
+            completed=[records[k] for k in sorted(records)],
+        )
+
+    def exists(self, cache_id: str) -> bool:
+        with self.store.read() as s:
+            q = select(JobRow.id).where(JobRow.cache_id == cache_id).limit(1)
+            return s.execute(q).first() is not None
+
+    def shard_done(self, cache_id: str, shard: int) -> bool:
+        """True once any job of this cache completed ``shard``."""
+        with self.store.read() as s:
+            q = (
+                select(ShardRow.shard)
+                .join(JobRow, JobRow.id == ShardRow.job_id)
+                .where(
+                    JobRow.cache_id == cache_id,
+                    ShardRow.shard == shard,
+                    ShardRow.status == "done",
+                )
+                .limit(1)
+            )
+            return s.execute(q).first() is not None
