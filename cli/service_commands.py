@@ -92,8 +92,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if open_classes:
-        log.warning("%s routes are open (no token): loopback only", "/".join(open_classes))
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -115,12 +113,12 @@ def _install_signals(stop: threading.Event, abort: threading.Event, release: boo
         name = signal.Signals(signum).name
         if release or stop.is_set():
             abort.set()
-            log.warning("%s: releasing the current shard (if any) and exiting", name)
+            msg = f"{name}: releasing the current shard (if any) and exiting"
         else:
-            log.warning(
-                "%s: finishing the current shard, then exiting (again: release it now)", name
-            )
+            msg = f"{name}: finishing the current shard, then exiting (again: release it now)"
         stop.set()
+        # not from the handler itself: it may interrupt the main thread inside a log write
+        threading.Thread(target=log.warning, args=(msg,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)

@@ -47,7 +47,12 @@ def is_transient(err: BaseException) -> bool:
     """Whether a failed read is worth retrying (connection errors, 5xx, 408, 429, timeouts)."""
     if isinstance(err, _PERMANENT) or not isinstance(err, Exception):
         return False
-    status = getattr(err, "status", None) or getattr(err, "status_code", None)
+    response = getattr(err, "response", None)  # httpx.HTTPStatusError keeps it there
+    status = (
+        getattr(err, "status", None)
+        or getattr(err, "status_code", None)
+        or getattr(response, "status_code", None)
+    )
     if isinstance(status, int) and 400 <= status < 500:
         return status in (408, 429)
     return True

@@ -33,7 +33,12 @@ from kdcache.client._fields import arrays_for, expand_fields
 from kdcache.client._loader import CacheLoader
 from kdcache.client._order import EpochOrder, PassPlan, Policy
 from kdcache.client._prefetch import Prefetcher
-from kdcache.client._remote import RemoteStorage, download_objects, shard_object_keys
+from kdcache.client._remote import (
+    RemoteStorage,
+    download_objects,
+    retry_call,
+    shard_object_keys,
+)
 from kdcache.client._resume import DatasetState, ResumeError, resume_point
 from kdcache.client._validate import check_expectations
 from kdcache.client.cache import open_reader
@@ -113,7 +118,12 @@ class CacheDataset(IterableDataset[Sample]):
     shuffle_window: rows per shuffle window (rounded up to whole shards).
     prefetch_bytes: bound on decoded rows read ahead per process.
     cache_dir, cache_limit_bytes: local disk cache of remote shard objects and its size cap.
-    expect: what the run declares (see :func:`kdcache.client._validate.check_expectations`).
+    token, storage_options: for the service (``KDCACHE_TOKEN`` by default) and for fsspec (S3).
+    expect: what the run declares; any of ``vocab_size``, ``tokenizer_fingerprint`` or
+    ``tokenizer`` (a directory), ``temperatures`` and ``layers`` (must be cached), ``topk``,
+    ``seq_len``, ``cache_id``, ``teacher_fingerprint``, ``dataset_fingerprint``. Every mismatch is
+    reported at once by a ManifestMismatchError before any row is read.
+    retries: attempts on transient remote errors; read_threads: decode threads per process.
     """
 
     def __init__(
@@ -176,6 +186,16 @@ class CacheDataset(IterableDataset[Sample]):
         self.epoch, self._start, self._consumed = 0, 0, 0
         if self.policy == "none" and self.world_size > 1:
             log.warning("pad=False and drop_last=False: ranks may yield unequal numbers of rows")
+        plan = self._plan()
+        if plan.padded or plan.dropped:
+            log.info(
+                "%s %d rows of each epoch so all %d ranks get %d rows (global batch %d)",
+                "repeating" if plan.padded else "dropping",
+                plan.padded or plan.dropped,
+                self.world_size,
+                plan.length // self.world_size,
+                self.global_batch,
+            )
 
     # ---- opening, once per process -------------------------------------------------------
     def _open_reader(self, cache_id: str | None) -> CacheReader:
@@ -187,11 +207,16 @@ class CacheDataset(IterableDataset[Sample]):
                 disk = DiskCache(self.cache_dir, self.cache_limit_bytes, namespace=cache_id)
             return RemoteStorage(storage, disk, retries=self.retries)
 
-        return open_reader(
-            self.source,
-            token=self.token,
-            storage_options=self.storage_options,
-            wrap_storage=wrap if is_remote(self.source) else None,
+        return retry_call(
+            lambda: open_reader(
+                self.source,
+                token=self.token,
+                storage_options=self.storage_options,
+                wrap_storage=wrap if is_remote(self.source) else None,
+            ),
+            self.retries,
+            0.2,
+            f"open {self.source}",
         )
 
     def _open_here(self) -> _Opened:
@@ -318,10 +343,11 @@ class CacheDataset(IterableDataset[Sample]):
             download_objects(remote, keys, blocks.pool)
             return blocks.read(rows)
 
-    def _blocks(self, opened: _Opened, worker: int, num_workers: int) -> Iterator[RowBlock]:
+    def _blocks(
+        self, opened: _Opened, plan: PassPlan, skip: int, worker: int, num_workers: int
+    ) -> Iterator[RowBlock]:
         order = self.epoch_order()
-        plan = self._plan(self._start)
-        for positions in plan.slot_groups(order, self.rank, worker, num_workers, self._consumed):
+        for positions in plan.slot_groups(order, self.rank, worker, num_workers, skip):
             yield self._read(opened, order, positions)
 
     def __iter__(self) -> Iterator[Sample]:
@@ -335,9 +361,9 @@ class CacheDataset(IterableDataset[Sample]):
                 num_workers,
             )
         opened = self._open_here()
-        prefetch = Prefetcher(
-            self._blocks(opened, worker, num_workers), lambda b: b.nbytes, self.prefetch_bytes
-        )
+        # the pass is fixed now: the counts below move while the thread reads ahead
+        blocks = self._blocks(opened, self._plan(self._start), self._consumed, worker, num_workers)
+        prefetch = Prefetcher(blocks, lambda b: b.nbytes, self.prefetch_bytes)
         try:
             for block in prefetch:
                 for sample in block.samples():

@@ -6,6 +6,7 @@ complete once any of them completed it, and the latest job stands for the cache.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -23,12 +24,18 @@ __all__ = ["CacheIndex"]
 
 
 class CacheIndex:
-    """Cache queries on a :class:`~kdcache.service.store.JobStore`."""
+    """Cache queries on a :class:`~kdcache.service.store.JobStore`.
+
+    Positive answers of :meth:`exists` and :meth:`shard_done` are remembered: jobs are never
+    deleted and a done shard never becomes undone, so serving a chunk costs no query after the
+    first (store keys are the hot path when students train over HTTP).
+    """
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-
-    # -- caches --------------------------------------------------------------------------------
+        self._known: set[str] = set()
+        self._done: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
 
     def _latest_jobs(self, s: Session, cache_id: str | None = None) -> list[JobRow]:
         q = select(JobRow).order_by(JobRow.created_at.desc(), JobRow.id.desc())
@@ -90,12 +97,21 @@ class CacheIndex:
         )
 
     def exists(self, cache_id: str) -> bool:
+        """True once a job for this cache was submitted."""
+        if cache_id in self._known:
+            return True
         with self.store.read() as s:
             q = select(JobRow.id).where(JobRow.cache_id == cache_id).limit(1)
-            return s.execute(q).first() is not None
+            found = s.execute(q).first() is not None
+        if found:
+            with self._lock:
+                self._known.add(cache_id)
+        return found
 
     def shard_done(self, cache_id: str, shard: int) -> bool:
         """True once any job of this cache completed ``shard``."""
+        if (cache_id, shard) in self._done:
+            return True
         with self.store.read() as s:
             q = (
                 select(ShardRow.shard)
@@ -107,4 +123,8 @@ class CacheIndex:
                 )
                 .limit(1)
             )
-            return s.execute(q).first() is not None
+            done = s.execute(q).first() is not None
+        if done:
+            with self._lock:
+                self._done.add((cache_id, shard))
+        return done

@@ -17,6 +17,7 @@ with ``--release-on-term``) hands the current shard back to the queue and return
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -217,9 +218,11 @@ class _JobCache:
     def get(self, lease: Lease) -> tuple[PreparedJob, CacheWriter]:
         if self.entry is not None and self.job_id == lease.job_id:
             return self.entry
-        self.entry = self.job_id = None  # free the previous teacher before loading the next
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if self.entry is not None:  # free the previous teacher before loading the next
+            self.entry = self.job_id = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         spec = parse_spec(lease.spec)
         if self.device:
             spec = spec.model_copy(

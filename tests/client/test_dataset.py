@@ -3,7 +3,9 @@ layout, equal batch counts, and one global order whatever the world size or work
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -156,3 +158,36 @@ def test_epoch_order_is_stable_numbers() -> None:
     expected = [2, 19, 16, 17, 4, 1, 3, 15, 18, 0, 14, 10, 5, 9, 6, 12, 13, 11, 7, 8]
     assert order.all_rows().tolist() == expected
     assert order.shards.tolist() == [3, 0, 1, 2]
+
+
+def _rank_rows(rank: int, world: int, url: str, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        ds = CacheDataset(url, seed=3, batch_size=2)  # rank and world size from the group
+        got = {"rank": ds.rank, "world": ds.world_size, "rows": rows(iter(ds))}
+        Path(out, f"{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_and_world_size_come_from_torch_distributed(cache_dir37: str, tmp_path: Path):
+    import torch.multiprocessing as mp
+
+    args = (2, cache_dir37, str(tmp_path / "store"), str(tmp_path))
+    mp.start_processes(_rank_rows, args=args, nprocs=2, start_method="fork", join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
+    a, b = got[0]["rows"], got[1]["rows"]
+    assert len(a) == len(b) == 20 and set(a) | set(b) == set(range(37))
+    assert len(a + b) - len(set(a + b)) == 3, "only the 3 padding rows repeat"
+
+
+def test_padding_cycles_when_the_global_batch_exceeds_the_rows(make_cache) -> None:
+    url = make_cache(11, 8)
+    ranks = layout(url, 3, batch_size=8)  # global batch 24 > 11 rows: 13 repeats, cycling
+    per_rank = [rows(iter(ds)) for ds in ranks]
+    assert [len(p) for p in per_rank] == [8, 8, 8] and ranks[0].padded_rows == 13
+    order = ranks[0].epoch_order().all_rows().tolist()
+    assert sum(per_rank, []) == (order * 3)[:24]

@@ -31,11 +31,12 @@ def slow_tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def fleet_factory(tmp_path: Path, slow_teacher_dir: Path) -> Iterator[Callable[..., Fleet]]:
-    """Start a service (``fleet_factory(sleep=0.25)``); killed with its workers at teardown."""
+    """Start a service (``fleet_factory(sleep=0.25, env={...})``); killed with its workers at
+    teardown. ``sleep``: seconds per forward of the slow teacher; ``env``: more environment."""
     started: list[Fleet] = []
 
-    def make(sleep: float = 0.0) -> Fleet:
-        fleet = new_fleet(tmp_path / f"fleet{len(started)}", slow_teacher_dir, sleep)
+    def make(sleep: float = 0.0, env: dict[str, str] | None = None) -> Fleet:
+        fleet = new_fleet(tmp_path / f"fleet{len(started)}", slow_teacher_dir, sleep, env)
         started.append(fleet)
         return fleet.start()
 

@@ -223,12 +223,15 @@ def slow_spec(tokens: Path, rows_per_shard: int = 4) -> dict[str, Any]:
     }
 
 
-def new_fleet(base: Path, module_dir: Path, sleep: float = 0.0) -> Fleet:
+def new_fleet(
+    base: Path, module_dir: Path, sleep: float = 0.0, env: dict[str, str] | None = None
+) -> Fleet:
     """A fleet (not started) keeping its storage root, logs and markers under ``base``."""
     logs, markers = base / "logs", base / "markers"
     logs.mkdir(parents=True, exist_ok=True)
     markers.mkdir(parents=True, exist_ok=True)
-    return Fleet(root=base / "root", logs=logs, env=fleet_env(module_dir, markers, sleep))
+    full_env = {**fleet_env(module_dir, markers, sleep), **(env or {})}
+    return Fleet(root=base / "root", logs=logs, env=full_env)
 
 
 def embedded_cache(spec: dict[str, Any], root: Path) -> str:

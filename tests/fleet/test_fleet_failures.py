@@ -3,12 +3,15 @@ bytes, and readers never see rows of a shard that is not complete."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +27,7 @@ from fleet_helpers import (
 from kdcache.client import TeacherCache
 from kdcache.core.errors import KDCacheError, ShardIncompleteError
 from kdcache.core.reader import CacheReader
+from kdcache.worker.lease import WorkerStats, run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +84,7 @@ class PollingReaders(threading.Thread):
 
     def run(self) -> None:
         readers = None
-        while not self.stop.wait(0.1):
+        while not self.stop.wait(0.2):
             readers = readers or self._open()
             if readers is not None:
                 try:
@@ -104,7 +108,7 @@ def test_killed_worker_shard_is_redone(
         _mid_shard(fleet, victim, job["id"])
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
-        survivor = fleet.worker()
+        survivor = fleet.worker(max_idle=1.5)
         done = fleet.wait_job(job["id"], timeout=90)
         assert fleet.wait_exit(survivor) == 0, fleet.log_of(survivor)
     finally:
@@ -127,17 +131,22 @@ def test_sigterm_finishes_or_releases_the_shard(
     fleet = fleet_factory(sleep=SLEEP)
     job = fleet.submit(spec)
     directory = str(fleet.root / "caches" / job["cache_id"])
-    finisher = fleet.worker()
-    _mid_shard(fleet, finisher, job["id"])
-    finisher.send_signal(signal.SIGTERM)  # it takes no new shard: the next worker gets one
-    releaser = fleet.worker("--release-on-term")
+    # each takes one shard: the finisher is stopped at its first, the releaser has 2 left
+    finisher, releaser = fleet.worker(), fleet.worker("--release-on-term")
+    pending = [finisher, releaser]
+
+    def signal_those_mid_shard() -> bool:
+        for proc in [p for p in pending if (fleet.markers / str(p.pid)).exists()]:
+            proc.send_signal(signal.SIGTERM)  # at its first forward: in the middle of a shard
+            pending.remove(proc)
+        return not pending
+
+    wait_for(signal_those_mid_shard, 60, "both workers to start a shard", fleet.all_logs)
     assert fleet.wait_exit(finisher) == 0, fleet.log_of(finisher)
-    _mid_shard(fleet, releaser, job["id"])
-    releaser.send_signal(signal.SIGTERM)
     assert fleet.wait_exit(releaser) == 0, fleet.log_of(releaser)
-    closer = fleet.worker(max_idle=1.5)
-    fleet.wait_job(job["id"], timeout=90)
-    assert fleet.wait_exit(closer) == 0, fleet.log_of(closer)
+    closer = run_worker(fleet.url, device="cpu", max_idle=1.5, poll_interval=0.2)  # in-process
+    assert (closer.completed, closer.failed) == (2, 0), closer
+    fleet.wait_job(job["id"], timeout=10)
 
     writers = records_by_writer(directory)
     finished, released = fleet.log_of(finisher), fleet.log_of(releaser)
@@ -146,5 +155,33 @@ def test_sigterm_finishes_or_releases_the_shard(
     assert list(writers.values()).count(finisher.pid) == 1, (writers, finished)
     assert "releasing shard" in released and "1 released" in released, released
     assert releaser.pid not in writers.values(), (writers, released)
-    assert list(writers.values()).count(closer.pid) == 2, writers
+    assert list(writers.values()).count(os.getpid()) == 2, writers
     assert_same_cache(directory, embedded_cache(spec, tmp_path / "embedded"))
+
+
+def test_cancel_abandons_the_shard_in_hand(
+    fleet_factory: Callable[..., Fleet],
+    slow_tokens: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A heartbeat answering job_cancelled stops the shard between batches; nothing is
+    completed and the worker goes on (here: ``once``, so it returns)."""
+    fleet = fleet_factory()
+    job = fleet.submit(slow_spec(slow_tokens, rows_per_shard=12))  # one shard of 12 forwards
+    monkeypatch.setenv("KDCACHE_TEST_SLEEP", str(SLEEP))  # this process runs the worker
+    monkeypatch.setenv("KDCACHE_TEST_MARKERS", str(fleet.markers))
+    result: list[WorkerStats] = []
+    thread = threading.Thread(
+        target=lambda: result.append(run_worker(fleet.url, once=True, device="cpu")), daemon=True
+    )
+    thread.start()
+    wait_for((fleet.markers / str(os.getpid())).exists, 60, "the shard to start", fleet.all_logs)
+    t0 = time.monotonic()
+    resp = httpx.post(f"{fleet.url}/v1/jobs/{job['id']}/cancel", timeout=10)
+    assert resp.status_code == 200, resp.text
+    thread.join(timeout=30)
+    assert not thread.is_alive() and result, "the worker did not return"
+    assert result[0].abandoned == 1 and result[0].completed == 0, result[0]
+    assert time.monotonic() - t0 < 12 * SLEEP  # stopped before the shard's last forward
+    assert fleet.job(job["id"])["status"] == "cancelled"
+    assert records_by_writer(str(fleet.root / "caches" / job["cache_id"])) == {}

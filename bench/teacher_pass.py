@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Overhead of a kdcache teacher pass over the bare teacher forward, on CPU.
+
+Prints ``ratio = (run_job wall time) / (bare model(ids) forwards over the same batches)`` for a
+small random Llama. Both sides reuse one loaded model: the job is prepared once
+(:func:`prepare_job`) and handed to :func:`run_job`, so model loading is not timed. The two are
+alternated ``--reps`` times and the medians compared. The aim is a ratio <= 1.15.
+
+``--breakdown`` also times the parts of the job on their own (teacher forward with hooks, top-k /
+log-sum-exp extraction, shard writes); ``--profile`` prints cProfile's top functions of one
+``run_job`` (main thread only: the shard writer runs on a thread of its own).
+
+Usage: ``python bench/teacher_pass.py [--rows 96] [--reps 3] [--breakdown] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=96)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--rows-per-shard", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--breakdown", action="store_true", help="time the job's parts on their own")
+    p.add_argument("--profile", action="store_true", help="cProfile one run_job")
+    return p.parse_args()
+
+
+def make_job(args: argparse.Namespace, work: Path) -> tuple[object, object]:
+    """A random teacher + tokens under ``work``; returns (spec, prepared job)."""
+    from kdcache.core.spec import parse_spec
+    from kdcache.worker.runner import prepare_job
+    from kdcache.worker.toy import make_tiny_teacher, make_tokens
+
+    teacher = make_tiny_teacher(
+        work / "teacher",
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        num_layers=args.layers,
+        num_heads=max(1, args.dim // 64),
+        max_positions=args.seq_len,
+    )
+    tokens = make_tokens(work / "tokens.npy", args.rows, args.seq_len, args.vocab)
+    spec = parse_spec(
+        {
+            "name": "bench-teacher-pass",
+            "teacher": {"hf": str(teacher), "dtype": "float32", "device": "cpu"},
+            "dataset": {"tokens": str(tokens)},
+            "outputs": {
+                "topk": args.topk,
+                "temperatures": [1.0, 2.0],
+                "hidden_layers": "uniform:2",
+                "hidden_dtype": "bfloat16",
+            },
+            "batch_size": args.batch,
+            "rows_per_shard": args.rows_per_shard,
+        }
+    )
+    return spec, prepare_job(spec)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    args = parse_args()
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    from kdcache.worker.extract import extract_batches
+    from kdcache.worker.runner import run_job
+
+    with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
+        work = Path(tmp)
+        spec, job = make_job(args, work)
+        model = job.teacher.model  # type: ignore[attr-defined]
+        ids = np.load(work / "tokens.npy")
+        batches = [
+            torch.from_numpy(ids[i : i + args.batch]).long() for i in range(0, len(ids), args.batch)
+        ]
+        roots = iter(range(10**6))
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for x in batches:
+                    model(input_ids=x, use_cache=False)
+
+        def job_pass() -> None:  # a fresh root each time: a finished cache would be skipped
+            run_job(spec, work / f"root{next(roots)}", job=job)  # type: ignore[arg-type]
+
+        print(
+            f"teacher: Llama d={args.dim}, {args.layers} layers, vocab {args.vocab}; "
+            f"{args.rows} rows x {args.seq_len} tokens, batch {args.batch}; "
+            f"top-k {args.topk}, temperatures [1, 2], 2 hidden layers bf16; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        )
+        bare(), job_pass()  # warm-up
+        t_bare, t_job = [], []
+        for _ in range(args.reps):
+            t_bare.append(timed(bare))
+            t_job.append(timed(job_pass))
+        mb, mj = statistics.median(t_bare), statistics.median(t_job)
+        tokens = args.rows * args.seq_len
+        print(f"bare forward   {mb:7.3f} s  ({tokens / mb:,.0f} tokens/s)  runs {fmt(t_bare)}")
+        print(f"kdcache job    {mj:7.3f} s  ({tokens / mj:,.0f} tokens/s)  runs {fmt(t_job)}")
+        print(f"ratio          {mj / mb:7.3f}  (aim <= 1.15)")
+
+        if args.breakdown:
+            m = job.manifest
+            hooks = timed(
+                lambda: [job.teacher.forward(x, m.hidden_layers) for x in batches]  # type: ignore[union-attr]
+            )
+            data: dict[str, np.ndarray] = {}
+
+            def extract() -> None:
+                data.update(
+                    extract_batches(
+                        job.teacher,
+                        ids,
+                        batch_size=args.batch,
+                        topk=m.topk,
+                        temperatures=m.temperatures,
+                        layers=m.hidden_layers,
+                        hidden_dtype=m.hidden_dtype,
+                        index_dtype=m.index_dtype,
+                    )
+                )
+
+            t_extract = timed(extract)
+            print("breakdown (each part alone, one pass)")
+            print(f"  forward + hidden hooks     {hooks:7.3f} s")
+            print(f"  extract (fwd + top-k/lse)  {t_extract:7.3f} s")
+            print(f"  shard writes (by thread)   {time_writes(job, data, work):7.3f} s")
+
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(job_pass)
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+            print(buf.getvalue())
+    return 0
+
+
+def time_writes(job: object, data: dict[str, np.ndarray], work: Path) -> float:
+    """Seconds to write every shard of ``data`` (already computed) to a fresh cache."""
+    from kdcache.worker.runner import open_writer
+
+    writer = open_writer(job, str(work / "writes"))  # type: ignore[arg-type]
+    m = writer.manifest
+    t0 = time.perf_counter()
+    for shard in range(m.num_shards):
+        start, end = m.shard_rows(shard)
+        part = {k: v[start:end] for k, v in data.items()}
+        part["input_ids"] = np.zeros((end - start, m.seq_len), dtype=np.int32)
+        writer.commit(writer.write_shard(shard, part, writer={"bench": True}))
+    return time.perf_counter() - t0
+
+
+def fmt(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
