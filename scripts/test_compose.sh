@@ -86,6 +86,7 @@ cleanup() {
             sleep 0.5
         done
         kill -0 "$DOCKERD_PID" 2>/dev/null && kill -9 "$DOCKERD_PID"
+        log "dockerd stopped"
     fi
     # Anything still running from the daemon's folders (containerd, shims) was started by us.
     for pid in $(pgrep -f -- "$WORK/" 2>/dev/null); do
@@ -101,6 +102,7 @@ cleanup() {
     done
     awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' /proc/self/mounts | sort -r |
         xargs -r -n1 umount -l 2>/dev/null
+    log "removing $WORK"
     rm -rf "$WORK"
     [ -n "$POLICY_RC" ] && rm -f "$POLICY_RC"
     if [ -e "$WORK" ] || { [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; }; then
