@@ -94,6 +94,7 @@ def main() -> int:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from kdcache.worker.extract import extract_batches
     from kdcache.worker.runner import run_job
 

@@ -7,7 +7,17 @@ what the cache holds. Imports neither fastapi nor transformers.
 
 from kdcache.client import losses
 from kdcache.client.cache import TeacherCache
+from kdcache.client.dataset import CacheDataset, CacheLoader, ResumeError
 from kdcache.client.layermap import HiddenProjector, LayerMap
 from kdcache.client.rest import CacheClient
 
-__all__ = ["CacheClient", "HiddenProjector", "LayerMap", "TeacherCache", "losses"]
+__all__ = [
+    "CacheClient",
+    "CacheDataset",
+    "CacheLoader",
+    "HiddenProjector",
+    "LayerMap",
+    "ResumeError",
+    "TeacherCache",
+    "losses",
+]

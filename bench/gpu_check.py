@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Check and time kdcache's CUDA path in one short run (< 5 minutes on an H100, no network).
+
+A mid-size random Llama (default d=1024, 8 layers, vocab 32000, T=512), saved in bfloat16, is
+cached with ``run_job`` on CUDA in bfloat16 (top-k 64, temperatures [1, 2], 2 hidden layers).
+Then:
+
+- accuracy: an fp32 forward of the same (bf16-representable) weights is the reference. For the
+  cached top-k: top-1 and top-k index agreement, max |log-prob diff| on the ids in both top-k
+  sets, and |lse diff| per temperature; the same numbers for a bare bf16 forward, so what kdcache
+  adds (fp16 storage of log-probs) shows apart from what bf16 costs anyway; and the cosine of each
+  cached hidden layer to the fp32 one.
+- speed: the teacher-pass ratio (run_job wall time / bare bf16 forwards over the same batches),
+  alternated ``--reps`` times, medians, as in ``bench/teacher_pass.py``.
+
+Without a CUDA device it prints "no CUDA device, skipped" and exits 0. ``--device cpu`` with small
+sizes exercises the same code on a CPU (for developing this script, not for its numbers).
+
+Usage: ``python bench/gpu_check.py [--rows 256] [--check-rows 8] [--reps 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to develop")
+    p.add_argument("--rows", type=int, default=256, help="dataset rows cached per pass")
+    p.add_argument("--check-rows", type=int, default=8, help="rows compared with fp32")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--topk", type=int, default=64)
+    p.add_argument("--rows-per-shard", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument(
+        "--init-range",
+        type=float,
+        default=0.05,
+        help="weight init std: larger gives peakier (more realistic) next-token distributions",
+    )
+    return p.parse_args()
+
+
+def make_teacher(args: argparse.Namespace, path: Path, device: torch.device) -> Path:
+    """A random Llama made on ``device``, saved in bfloat16: the weights both runs use."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        intermediate_size=int(2.75 * args.dim),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.dim // 64),
+        num_key_value_heads=max(1, args.dim // 128),
+        max_position_embeddings=args.seq_len,
+        initializer_range=args.init_range,
+    )
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(path)
+    del model
+    return path
+
+
+def make_spec(args: argparse.Namespace, teacher: Path, tokens: Path, device: str) -> Any:
+    from kdcache.core.spec import parse_spec
+
+    return parse_spec(
+        {
+            "name": "gpu-check",
+            "teacher": {"hf": str(teacher), "dtype": "bfloat16", "device": device},
+            "dataset": {"tokens": str(tokens)},
+            "outputs": {
+                "topk": args.topk,
+                "temperatures": [1.0, 2.0],
+                "hidden_layers": "uniform:2",
+                "hidden_dtype": "bfloat16",
+            },
+            "batch_size": args.batch,
+            "rows_per_shard": args.rows_per_shard,
+        }
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def topk_stats(
+    logprobs: torch.Tensor, indices: torch.Tensor, ref: torch.Tensor
+) -> tuple[float, float, float, float]:
+    """Agreement of a top-k (B, T, k) with the fp32 reference log-probs (B, T, V).
+
+    Returns (top-1 agreement, mean top-k set overlap, max and mean |log-prob diff| on the ids in
+    both top-k sets).
+    """
+    k = indices.shape[-1]
+    ref_idx = ref.topk(k, dim=-1).indices
+    top1 = float((indices[..., 0] == ref_idx[..., 0]).float().mean())
+    # in_both[b, t, i]: the i-th cached id is also in the reference top-k
+    in_both = (indices.unsqueeze(-1) == ref_idx.unsqueeze(-2)).any(-1)
+    overlap = float(in_both.float().sum(-1).mean() / k)
+    diff = (logprobs.float() - ref.gather(-1, indices)).abs()[in_both]
+    return top1, overlap, float(diff.max()), float(diff.mean())
+
+
+def logprobs_of(logits: torch.Tensor, temps: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V) -> (log-probs at t=1 (B, T, V) float32, lse (B, T, n_temps) float32)."""
+    z = logits.float()
+    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temps], dim=-1)
+    return z - lse[..., temps.index(1.0), None], lse
+
+
+def accuracy(
+    args: argparse.Namespace, teacher_dir: Path, cache_path: str, bf16_model: Any, dev: torch.device
+) -> None:
+    """Compare the cache and a bare bf16 forward with an fp32 forward on ``--check-rows`` rows."""
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.client.cache import TeacherCache
+
+    cache = TeacherCache(cache_path)
+    m = cache.manifest
+    batch = cache.batch(np.arange(min(args.check_rows, m.num_rows)))
+    ids = batch["input_ids"].to(dev)
+    ref_model = AutoModelForCausalLM.from_pretrained(
+        teacher_dir, dtype=torch.float32, local_files_only=True
+    ).to(dev)
+    temps = list(m.temperatures)
+    with torch.inference_mode():
+        ref_out = ref_model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        ref, ref_lse = logprobs_of(ref_out.logits, temps)
+        bare, bare_lse = logprobs_of(bf16_model(input_ids=ids, use_cache=False).logits, temps)
+    bare_lp, bare_idx = bare.topk(m.topk, dim=-1)
+    cached = (
+        batch["topk_logprobs"].to(dev),
+        batch["topk_indices"].to(dev),
+        batch["topk_logsumexp"].to(dev),
+    )
+    t_names = "/".join(f"{t:g}" for t in temps)
+    print(f"accuracy vs an fp32 forward of the same weights ({ids.shape[0]} rows x {m.seq_len})")
+    print(f"  {'':<18} {'top-1':>7} {'top-k':>7} {'max|dlogp|':>11} {'mean|dlogp|':>12}  max|dlse|")
+    for name, (lp, idx, lse) in (
+        ("kdcache cache", cached),
+        ("bare bf16 forward", (bare_lp, bare_idx, bare_lse)),
+    ):
+        top1, overlap, dmax, dmean = topk_stats(lp, idx, ref)
+        dlse = "/".join(
+            f"{float((lse[..., i] - ref_lse[..., i]).abs().max()):.4f}" for i in range(len(temps))
+        )
+        print(
+            f"  {name:<18} {top1:7.2%} {overlap:7.2%} {dmax:11.4f} {dmean:12.5f}  "
+            f"{dlse} (t={t_names})"
+        )
+    top1, overlap, dmax, dmean = topk_stats(cached[0], cached[1], bare)
+    print(
+        f"  cache vs bare bf16 (what kdcache adds): top-1 {top1:.2%}, top-k {overlap:.2%}, "
+        f"max|dlogp| {dmax:.4f}, mean {dmean:.5f}"
+    )
+    for layer in m.hidden_layers:
+        got = batch[f"hidden_{layer}"].to(dev).float()
+        cos = F.cosine_similarity(got, ref_out.hidden_states[layer].float(), dim=-1)
+        print(
+            f"  hidden {layer}: cosine to fp32 min {float(cos.min()):.5f}, "
+            f"mean {float(cos.mean()):.5f}"
+        )
+
+
+def main() -> int:
+    args = parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device, skipped")
+        return 0
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    from kdcache.worker.runner import prepare_job, run_job
+    from kdcache.worker.toy import make_tokens
+
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}, transformers {transformers.__version__}")
+    with tempfile.TemporaryDirectory(prefix="kdcache-gpu-") as tmp:
+        work = Path(tmp)
+        teacher_dir = make_teacher(args, work / "teacher", dev)
+        tokens = make_tokens(work / "tokens.npy", args.rows, args.seq_len, args.vocab)
+        spec = make_spec(args, teacher_dir, tokens, args.device)
+        job = prepare_job(spec)
+        model = job.teacher.model  # type: ignore[attr-defined]
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"teacher: random Llama d={args.dim}, {args.layers} layers, vocab {args.vocab}, "
+            f"{n_params / 1e6:.0f}M params, bf16; {args.rows} rows x {args.seq_len}, "
+            f"batch {args.batch}; top-k {args.topk}, 2 hidden layers bf16"
+        )
+        ids = np.load(tokens)
+        batches = [
+            torch.from_numpy(ids[i : i + args.batch]).long().to(dev)
+            for i in range(0, len(ids), args.batch)
+        ]
+        roots = iter(range(10**6))
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for x in batches:
+                    model(input_ids=x, use_cache=False)
+
+        def job_pass() -> str:  # a fresh root each time: a finished cache would be skipped
+            return run_job(spec, work / f"root{next(roots)}", job=job)
+
+        bare()
+        cache_path = job_pass()  # warm-up; this cache is the one checked below
+        t_bare, t_job = [], []
+        for _ in range(args.reps):
+            t_bare.append(timed(bare, dev))
+            t_job.append(timed(job_pass, dev))
+        mb, mj = statistics.median(t_bare), statistics.median(t_job)
+        tok = args.rows * args.seq_len
+        print("speed (medians of alternated runs; model load not timed)")
+        print(f"  bare bf16 forward  {mb:8.3f} s  {tok / mb:12,.0f} tokens/s")
+        print(f"  kdcache run_job    {mj:8.3f} s  {tok / mj:12,.0f} tokens/s")
+        print(f"  ratio              {mj / mb:8.3f}  (aim <= 1.15)")
+        accuracy(args, teacher_dir, cache_path, model, dev)
+    print(f"total {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
