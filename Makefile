@@ -40,8 +40,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	@rm -rf build/mypy && mkdir -p build/mypy/kdcache
 	@for d in core worker service client cli; do ln -s ../../../$$d build/mypy/kdcache/$$d; done
-	MYPYPATH=build/mypy $(VENV)/bin/mypy -p kdcache.core -p kdcache.worker -p kdcache.service \
-	  -p kdcache.client -p kdcache.cli
+	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml kdcache
 
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

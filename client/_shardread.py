@@ -103,8 +103,9 @@ class FastLayout:
     ) -> list[Task]:
         """Work items that fill ``out`` with ``rows`` (sorted, unique), each decoding one chunk.
 
-        locate: store key -> local file path, or None when the object does not exist (its rows
-        are the fill value). ``out``: (len(rows), T', ...) in any dtype; values are cast into it.
+        locate: store key -> local file path, or None when the object does not exist (an
+        IntegrityError: kdcache writes every shard object of a completed shard).
+        ``out``: (len(rows), T', ...) in any dtype; values are cast into it.
         """
         t_len = self.shape[1] if seq_len is None else min(seq_len, self.shape[1])
         rest = self.shape[1:]
@@ -117,8 +118,10 @@ class FastLayout:
             shard = int(shard_of[group_start])
             path = locate(self.key(shard))
             if path is None:
-                out[group_start : group_start + len(group)] = self.fill
-                continue
+                raise IntegrityError(
+                    f"{self.path}: shard object {self.key(shard)} is missing "
+                    f"though shard {shard} is recorded complete"
+                )
             tasks += self._shard_tasks(path, shard, group, int(group_start), out, t_len, rest)
         return tasks
 

@@ -35,6 +35,7 @@ __all__ = [
     "hidden_array",
     "index_dtype",
     "plan_chunks",
+    "shard_key",
     "shard_rows",
 ]
 
@@ -77,6 +78,11 @@ def plan_chunks(
     if row_bytes >= target:
         return (1, _largest_divisor_at_most(t, max(1, target // per_pos)), *rest)
     return (_largest_divisor_at_most(rows_per_shard, target // row_bytes), t, *rest)
+
+
+def shard_key(array: str, shard: int, ndim: int) -> str:
+    """Store key of an array's shard object (default chunk key encoding, "/" separated)."""
+    return "/".join([array, "c", str(shard), *["0"] * (ndim - 1)])
 
 
 def shard_rows(shard: int, rows_per_shard: int, num_rows: int) -> tuple[int, int]:

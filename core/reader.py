@@ -21,7 +21,7 @@ from kdcache.core.errors import (
     IntegrityError,
     ShardIncompleteError,
 )
-from kdcache.core.format import MANIFEST_KEY, Manifest
+from kdcache.core.format import MANIFEST_KEY, Manifest, shard_key
 from kdcache.core.shards import ShardRecord, checksum, list_records
 from kdcache.core.storage import Storage, open_storage
 
@@ -76,6 +76,7 @@ class CacheReader:
                 raise CacheFormatError(f"{self.url} lacks array {spec.name!r}") from None
         self._completed_source = completed or (lambda: list_records(self.storage))
         self._completed: Mapping[int, ShardRecord] | None = None
+        self._present: set[tuple[str, int]] = set()
 
     def completed(self, refresh: bool = False) -> Mapping[int, ShardRecord]:
         """Completion records by shard index."""
@@ -112,11 +113,31 @@ class CacheReader:
                 f"rows of shard(s) {sorted(missing)[:8]} are not complete yet in {self.url}"
             )
 
+    def _check_present(self, name: str, rows: Rows) -> None:
+        """A completed shard whose object is gone would read as zeros: refuse instead."""
+        per, n = self.manifest.rows_per_shard, self.manifest.num_rows
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(n)
+            shards = range(start // per, (stop - 1) // per + 1) if stop > start else range(0)
+        else:
+            shards = np.unique(np.asarray(rows, dtype=np.int64) // per).tolist()
+        ndim = self.arrays[name].ndim
+        for shard in shards:
+            if (name, shard) in self._present:
+                continue
+            key = shard_key(name, shard, ndim)
+            if not self.storage.exists(key):
+                raise IntegrityError(
+                    f"{self.url}: {key} is missing though shard {shard} is recorded complete"
+                )
+            self._present.add((name, shard))
+
     def read(self, name: str, rows: Rows) -> np.ndarray:
         """Rows of one array, in the order asked: (len(rows), *row_shape), stored dtype."""
         if name not in self.arrays:
             raise KeyError(f"no array {name!r}; the cache has {sorted(self.arrays)}")
         self._check_rows(rows)
+        self._check_present(name, rows)
         arr = self.arrays[name]
         if isinstance(rows, slice):
             return np.asarray(arr[rows])
@@ -142,6 +163,10 @@ class CacheReader:
                 f"record lists arrays {sorted(rec.checksums)}, cache has {sorted(want)}"
             )
         for name in sorted(want & set(rec.checksums)):
+            key = shard_key(name, shard, self.arrays[name].ndim)
+            if not self.storage.exists(key):
+                problems.append(f"{name}: shard object {key} is missing")
+                continue
             try:
                 got = checksum(np.asarray(self.arrays[name][rec.start : rec.end]))
             except Exception as err:  # a corrupt object fails to decode in many ways

@@ -56,8 +56,10 @@ class CacheWriter:
         self.storage = storage
         self.manifest = manifest
         self.group = group
+        # Every shard object is written, even one that is all fill value (padding rows): a
+        # missing object of a completed shard then always means lost data, never "zeros".
         self._arrays: dict[str, zarr.Array] = {
-            s.name: group[s.name]  # type: ignore[misc]
+            s.name: group[s.name].with_config({"write_empty_chunks": True})  # type: ignore[union-attr]
             for s in manifest.arrays()
         }
 

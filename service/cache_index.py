@@ -58,7 +58,7 @@ class CacheIndex:
                         cache_id=r.cache_id,
                         name=r.name,
                         job_id=r.id,
-                        status=r.status,
+                        status=r.status,  # type: ignore[arg-type]
                         shards_done=st.shards_done,
                         shards_total=r.shards_total,
                         rows_done=st.rows_done,

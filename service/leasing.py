@@ -187,7 +187,7 @@ class LeaseBook:
             end=shard.end,
             deadline=deadline,
             lease_seconds=self.store.lease_seconds,
-            spec=job.spec,
+            spec=job.spec,  # type: ignore[arg-type]  # validated into JobSpec by pydantic
             cache_url=self.store.cache_url(job.cache_id),
             attempt=attempt,
         )

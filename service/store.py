@@ -158,7 +158,7 @@ class JobStore:
             id=row.id,
             cache_id=row.cache_id,
             name=row.name,
-            status=row.status,
+            status=row.status,  # type: ignore[arg-type]  # the DB holds only valid states
             shards_total=row.shards_total,
             shards_done=stats.shards_done,
             rows_total=row.rows_total,
@@ -167,7 +167,7 @@ class JobStore:
             tokens_per_s=tokens_per_s,
             eta_s=eta_s,
             error=row.error,
-            spec=row.spec,
+            spec=row.spec,  # type: ignore[arg-type]  # validated into JobSpec by pydantic
             cache_url=self.cache_url(row.cache_id),
             created_at=_iso(row.created_at),
             updated_at=_iso(row.updated_at),
@@ -219,8 +219,8 @@ class JobStore:
         except OSError as err:
             log.warning("cannot list completion records of %s: %s", cache_id, err)
             on_disk = {}
-        for shard, rec in on_disk.items():
-            found.setdefault(shard, asdict(rec))
+        for shard, record in on_disk.items():
+            found.setdefault(shard, asdict(record))
         valid = {}
         for shard, rec in found.items():
             try:
