@@ -368,15 +368,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_teacher = heldout_loss(teacher, val)
 
     header(f"results (seed {args.seed}, {time.perf_counter() - t_start:.0f}s in all)")
-    print(f"cache size on disk        {size / 2**20:.2f} MiB")
-    print(f"cache bytes/token         {size / n_tokens:.1f}  ({n_tokens} tokens)")
+    print(f"cache size on disk            {size / 2**20:.2f} MiB")
+    print(f"cache bytes/token             {size / n_tokens:.1f}  ({n_tokens:,} tokens cached)")
     print(
-        f"teacher pass              {wall:.1f} s  ({n_tokens / wall:,.0f} tokens/s, incl. start-up)"
+        f"teacher pass                  {wall:.1f} s  ({n_tokens / wall:,.0f} tokens/s, "
+        "whole `kdcache run` incl. start-up and model load)"
     )
-    print("held-out loss (nats/token, lower is better)")
-    print(f"  teacher                 {held_teacher:.3f}")
+    print("held-out loss (nats/token)    lower is better")
+    label = f"teacher ({sizes.teacher_layers} layers, d={sizes.teacher_dim})"
+    print(f"  {label:<28}{held_teacher:.3f}")
     for mode in MODES:
-        print(f"  student {MODE_LABELS[mode]:<18}{held[mode]:.3f}")
+        label = f"student {MODE_LABELS[mode]}"
+        delta = "" if mode == "hard" else f"  ({held[mode] - held['hard']:+.3f} vs hard labels)"
+        print(f"  {label:<28}{held[mode]:.3f}{delta}")
     return 0
 
 

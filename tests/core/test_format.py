@@ -11,6 +11,7 @@ import zarr
 from kdcache.core.errors import (
     CacheFormatError,
     CacheNotFoundError,
+    IntegrityError,
     ManifestMismatchError,
     ShardIncompleteError,
 )
@@ -137,8 +138,23 @@ def test_missing_shard_file_is_reported(tmp_path: Path) -> None:
     m = _manifest()
     _write_all(str(tmp_path / "c"), m)
     (tmp_path / "c" / "input_ids" / "c" / "2" / "0").unlink()
-    checks = {c.shard: c for c in CacheReader(str(tmp_path / "c")).verify()}
+    r = CacheReader(str(tmp_path / "c"))
+    checks = {c.shard: c for c in r.verify()}
     assert not checks[2].ok and "input_ids" in checks[2].problems[0]
+    r.read("input_ids", [0, 4])
+    with pytest.raises(IntegrityError, match="missing"):
+        r.read("input_ids", [9])  # would otherwise read as zeros (the fill value)
+
+
+def test_all_fill_value_shard_is_still_written(tmp_path: Path) -> None:
+    m = _manifest()
+    w = CacheWriter.open(str(tmp_path / "c"), m)
+    data = {k: np.zeros_like(v) for k, v in _shard_data(m, 0).items()}
+    w.commit(w.write_shard(0, data))
+    assert (tmp_path / "c" / "input_ids" / "c" / "0" / "0").is_file()
+    r = CacheReader(str(tmp_path / "c"))
+    assert r.verify()[0].ok
+    np.testing.assert_array_equal(r.read("hidden/1", [1, 2]), np.zeros((2, 8, 6), np.uint16))
 
 
 def test_reopen_same_manifest_and_refuse_other(tmp_path: Path) -> None:
