@@ -77,7 +77,7 @@ def make_teacher(args: argparse.Namespace, path: Path, device: torch.device) -> 
     )
     torch.manual_seed(0)
     with device:
-        model = LlamaForCausalLM(config)
+        model: Any = LlamaForCausalLM(config)
     model.to(torch.bfloat16).save_pretrained(path)
     del model
     return path
@@ -153,9 +153,10 @@ def accuracy(
     m = cache.manifest
     batch = cache.batch(np.arange(min(args.check_rows, m.num_rows)))
     ids = batch["input_ids"].to(dev)
-    ref_model = AutoModelForCausalLM.from_pretrained(
+    ref_model: Any = AutoModelForCausalLM.from_pretrained(
         teacher_dir, dtype=torch.float32, local_files_only=True
-    ).to(dev)
+    )
+    ref_model.to(dev)
     temps = list(m.temperatures)
     with torch.inference_mode():
         ref_out = ref_model(input_ids=ids, use_cache=False, output_hidden_states=True)
@@ -218,7 +219,7 @@ def main() -> int:
         tokens = make_tokens(work / "tokens.npy", args.rows, args.seq_len, args.vocab)
         spec = make_spec(args, teacher_dir, tokens, args.device)
         job = prepare_job(spec)
-        model = job.teacher.model  # type: ignore[attr-defined]
+        model = job.teacher.model
         n_params = sum(p.numel() for p in model.parameters())
         print(
             f"teacher: random Llama d={args.dim}, {args.layers} layers, vocab {args.vocab}, "

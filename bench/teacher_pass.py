@@ -26,9 +26,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from kdcache.core.spec import JobSpec
+    from kdcache.worker.runner import PreparedJob
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -50,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_job(args: argparse.Namespace, work: Path) -> tuple[object, object]:
+def make_job(args: argparse.Namespace, work: Path) -> tuple[JobSpec, PreparedJob]:
     """A random teacher + tokens under ``work``; returns (spec, prepared job)."""
     from kdcache.core.spec import parse_spec
     from kdcache.worker.runner import prepare_job
@@ -101,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         work = Path(tmp)
         spec, job = make_job(args, work)
-        model = job.teacher.model  # type: ignore[attr-defined]
+        model: Any = job.teacher.model
         ids = np.load(work / "tokens.npy")
         batches = [
             torch.from_numpy(ids[i : i + args.batch]).long() for i in range(0, len(ids), args.batch)
@@ -114,7 +119,7 @@ def main() -> int:
                     model(input_ids=x, use_cache=False)
 
         def job_pass() -> None:  # a fresh root each time: a finished cache would be skipped
-            run_job(spec, work / f"root{next(roots)}", job=job)  # type: ignore[arg-type]
+            run_job(spec, work / f"root{next(roots)}", job=job)
 
         print(
             f"teacher: Llama d={args.dim}, {args.layers} layers, vocab {args.vocab}; "
@@ -122,7 +127,8 @@ def main() -> int:
             f"top-k {args.topk}, temperatures [1, 2], 2 hidden layers bf16; "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads"
         )
-        bare(), job_pass()  # warm-up
+        bare()  # warm-up
+        job_pass()
         t_bare, t_job = [], []
         for _ in range(args.reps):
             t_bare.append(timed(bare))
@@ -135,9 +141,7 @@ def main() -> int:
 
         if args.breakdown:
             m = job.manifest
-            hooks = timed(
-                lambda: [job.teacher.forward(x, m.hidden_layers) for x in batches]  # type: ignore[union-attr]
-            )
+            hooks = timed(lambda: [job.teacher.forward(x, m.hidden_layers) for x in batches])
             data: dict[str, np.ndarray] = {}
 
             def extract() -> None:
@@ -169,11 +173,11 @@ def main() -> int:
     return 0
 
 
-def time_writes(job: object, data: dict[str, np.ndarray], work: Path) -> float:
+def time_writes(job: PreparedJob, data: dict[str, np.ndarray], work: Path) -> float:
     """Seconds to write every shard of ``data`` (already computed) to a fresh cache."""
     from kdcache.worker.runner import open_writer
 
-    writer = open_writer(job, str(work / "writes"))  # type: ignore[arg-type]
+    writer = open_writer(job, str(work / "writes"))
     m = writer.manifest
     t0 = time.perf_counter()
     for shard in range(m.num_shards):

@@ -56,9 +56,16 @@ def _server(args: argparse.Namespace) -> str:
     return str(server).rstrip("/")
 
 
+def _quiet_http(args: argparse.Namespace) -> None:
+    """httpx logs every request at INFO: drowns what the command says unless -vv."""
+    if args.verbose < 2:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def _client(args: argparse.Namespace) -> Any:
     from kdcache.client.rest import CacheClient
 
+    _quiet_http(args)
     return CacheClient(_server(args), token=args.token)
 
 
@@ -127,8 +134,7 @@ def _install_signals(stop: threading.Event, abort: threading.Event, release: boo
 def _cmd_worker(args: argparse.Namespace) -> int:
     from kdcache.worker.lease import run_worker
 
-    if args.verbose < 2:  # one line per poll drowns what the worker says
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    _quiet_http(args)
     stop, abort = threading.Event(), threading.Event()
     _install_signals(stop, abort, args.release_on_term)
     token = args.token if args.token is not None else os.environ.get("KDCACHE_TOKEN")
@@ -155,6 +161,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 # -- submit / jobs ----------------------------------------------------------------------------
 
 
+def _rate(value: Any) -> str:
+    """tokens/s, or "?" while the service cannot tell yet (null)."""
+    return "?" if value is None else f"{float(value):,.0f}"
+
+
 def _progress_line(job: dict[str, Any]) -> str:
     from kdcache.worker.progress import format_duration
 
@@ -163,7 +174,7 @@ def _progress_line(job: dict[str, Any]) -> str:
     return (
         f"{job.get('name', job['id'])}: {job['status']}, {rows}/{total or '?'} rows{pct}, "
         f"{job.get('shards_done', 0)}/{job.get('shards_total') or '?'} shards, "
-        f"{float(job.get('tokens_per_s') or 0.0):,.0f} tokens/s, "
+        f"{_rate(job.get('tokens_per_s'))} tokens/s, "
         f"ETA {format_duration(job.get('eta_s'))}"
     )
 
@@ -233,7 +244,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             str(j["status"]),
             f"{j.get('shards_done', 0)}/{j.get('shards_total', '?')}",
             f"{j.get('rows_done', 0)}/{j.get('rows_total', '?')}",
-            f"{float(j.get('tokens_per_s') or 0.0):,.0f}",
+            _rate(j.get("tokens_per_s")),
             format_duration(j.get("eta_s")) if j["status"] in ("pending", "running") else "-",
             str(j.get("cache_id", "")),
         )

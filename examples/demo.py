@@ -110,7 +110,7 @@ def pack(tokenizer: Any, texts: Sequence[str], seq_len: int) -> np.ndarray:
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
-def llama(vocab: int, dim: int, layers: int, seq_len: int) -> nn.Module:
+def llama(vocab: int, dim: int, layers: int, seq_len: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, dim // 32)
@@ -374,13 +374,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"teacher pass                  {wall:.1f} s  ({n_tokens / wall:,.0f} tokens/s, "
         "whole `kdcache run` incl. start-up and model load)"
     )
-    print("held-out loss (nats/token)    lower is better")
-    label = f"teacher ({sizes.teacher_layers} layers, d={sizes.teacher_dim})"
-    print(f"  {label:<28}{held_teacher:.3f}")
+    print("held-out loss (nats/token, lower is better)")
+    t_size = f"({sizes.teacher_layers} layers, d={sizes.teacher_dim})"
+    s_size = f"({sizes.student_layers} layers, d={sizes.student_dim})"
+    print(f"  {'teacher':<28}{held_teacher:.3f}  {t_size}")
     for mode in MODES:
         label = f"student {MODE_LABELS[mode]}"
-        delta = "" if mode == "hard" else f"  ({held[mode] - held['hard']:+.3f} vs hard labels)"
-        print(f"  {label:<28}{held[mode]:.3f}{delta}")
+        note = s_size if mode == "hard" else f"({held[mode] - held['hard']:+.3f} vs hard labels)"
+        print(f"  {label:<28}{held[mode]:.3f}  {note}")
     return 0
 
 
