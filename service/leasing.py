@@ -284,8 +284,14 @@ class LeaseBook:
             o.job.status, o.job.finished_at = "done", now
             log.info("job %s done", o.job.id)
 
-    def fail(self, lease_id: str, message: str, retryable: bool = True) -> Job:
-        """A worker gave up on its shard: retry it, or fail the job with the message."""
+    def fail(
+        self, lease_id: str, message: str, retryable: bool = True, *, release: bool = False
+    ) -> Job:
+        """A worker gave up on its shard: retry it, or fail the job with the message.
+
+        ``release``: the worker is stopping, not failing; the shard goes back to the queue and
+        no attempt is counted, so preemptions never fail a job.
+        """
         now = time.time()
         with self.store.write() as s:
             o = self._load(s, lease_id)
@@ -294,11 +300,13 @@ class LeaseBook:
                 o.lease.state = "failed"
                 self._release(o.shard)
                 o.job.updated_at = now
-                if retryable:
-                    o.shard.attempts += 1
                 text = message.strip() or "(no message)"
-                log.warning("job %s shard %d failed: %s", o.job.id, o.shard.shard, text[:200])
-                if not retryable or o.shard.attempts >= self.store.max_attempts:
+                if release:
+                    log.info("job %s shard %d released: %s", o.job.id, o.shard.shard, text[:200])
+                elif retryable:
+                    o.shard.attempts += 1
+                    log.warning("job %s shard %d failed: %s", o.job.id, o.shard.shard, text[:200])
+                if not release and (not retryable or o.shard.attempts >= self.store.max_attempts):
                     self._fail_job(o.job, f"shard {o.shard.shard}: {text}", now)
                 view = self.store.view(s, o.job)
         if refusal is not None:

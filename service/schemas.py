@@ -129,6 +129,10 @@ class CompleteRequest(_In):
 class FailRequest(_In):
     message: str = Field(max_length=100_000)
     retryable: bool = True
+    release: bool = Field(
+        False,
+        description="the worker is stopping (SIGTERM, preemption): requeue without an attempt",
+    )
 
 
 class CacheSummary(BaseModel):

@@ -283,7 +283,11 @@ def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Eve
     if record is None:
         outcome = "failed" if fail is not None else "released"
         if fail is None:  # the worker itself is stopping: hand the shard back to the queue
-            fail = {"message": f"released by worker {os.getpid()} (stopping)", "retryable": True}
+            fail = {
+                "message": f"released by worker {os.getpid()} (stopping)",
+                "retryable": True,
+                "release": True,
+            }
             log.warning("releasing shard %d of job %s", lease.shard, lease.job_id)
         resp = service.post(f"/v1/leases/{lease.id}/fail", fail)
         if not resp.is_success:

@@ -62,4 +62,4 @@ def complete_lease(lease_id: str, body: CompleteRequest, store: StoreDep) -> Job
 )
 def fail_lease(lease_id: str, body: FailRequest, store: StoreDep) -> Job:
     """Give the shard back: retried up to KDCACHE_MAX_ATTEMPTS, then the job fails."""
-    return store.leases.fail(lease_id, body.message, body.retryable)
+    return store.leases.fail(lease_id, body.message, body.retryable, release=body.release)

@@ -206,6 +206,22 @@ def test_fail_retries_then_fails_the_job_with_the_message(
     assert claim(client).status_code == 204
 
 
+def test_release_requeues_without_counting_an_attempt(
+    client: TestClient, spec: dict[str, Any]
+) -> None:
+    client.post("/v1/jobs", json=spec, headers=ADMIN_H)
+    for _ in range(5):  # more than MAX_ATTEMPTS preemptions of the same shard
+        lease = claim(client).json()
+        assert (lease["shard"], lease["attempt"]) == (0, 1)
+        r = client.post(
+            f"/v1/leases/{lease['id']}/fail",
+            json={"message": "SIGTERM", "release": True},
+            headers=WORKER_H,
+        )
+        assert r.status_code == 200 and r.json()["status"] in ("pending", "running")
+        assert r.json()["error"] is None
+
+
 def test_non_retryable_failure_fails_the_job_at_once(
     client: TestClient, spec: dict[str, Any]
 ) -> None:
