@@ -207,6 +207,7 @@ def main() -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from kdcache.worker.extract import extract_batches
     from kdcache.worker.runner import prepare_job, run_job
     from kdcache.worker.toy import make_tokens
 
@@ -253,6 +254,21 @@ def main() -> int:
         print(f"  bare bf16 forward  {mb:8.3f} s  {tok / mb:12,.0f} tokens/s")
         print(f"  kdcache run_job    {mj:8.3f} s  {tok / mj:12,.0f} tokens/s")
         print(f"  ratio              {mj / mb:8.3f}  (aim <= 1.15)")
+        m = job.manifest
+        t_extract = timed(
+            lambda: extract_batches(
+                job.teacher,
+                ids,
+                batch_size=args.batch,
+                topk=m.topk,
+                temperatures=m.temperatures,
+                layers=m.hidden_layers,
+                hidden_dtype=m.hidden_dtype,
+                index_dtype=m.index_dtype,
+            ),
+            dev,
+        )
+        print(f"  extraction alone   {t_extract:8.3f} s  (forward + top-k/lse + copies, no writes)")
         accuracy(args, teacher_dir, cache_path, model, dev)
     print(f"total {time.perf_counter() - t_start:.0f}s")
     return 0

@@ -4,7 +4,8 @@
 Prints ``ratio = (run_job wall time) / (bare model(ids) forwards over the same batches)`` for a
 small random Llama. Both sides reuse one loaded model: the job is prepared once
 (:func:`prepare_job`) and handed to :func:`run_job`, so model loading is not timed. The two are
-alternated ``--reps`` times and the medians compared. The aim is a ratio <= 1.15.
+alternated ``--reps`` times and the medians compared (the ratio of the fastest runs is
+printed too: on a shared machine it is the steadier number). The aim is a ratio <= 1.15.
 
 ``--breakdown`` also times the parts of the job on their own (teacher forward with hooks, top-k /
 log-sum-exp extraction, shard writes); ``--profile`` prints cProfile's top functions of one
@@ -49,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--rows-per-shard", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--breakdown", action="store_true", help="time the job's parts on their own")
     p.add_argument("--profile", action="store_true", help="cProfile one run_job")
     return p.parse_args()
@@ -137,7 +138,8 @@ def main() -> int:
         tokens = args.rows * args.seq_len
         print(f"bare forward   {mb:7.3f} s  ({tokens / mb:,.0f} tokens/s)  runs {fmt(t_bare)}")
         print(f"kdcache job    {mj:7.3f} s  ({tokens / mj:,.0f} tokens/s)  runs {fmt(t_job)}")
-        print(f"ratio          {mj / mb:7.3f}  (aim <= 1.15)")
+        best = min(t_job) / min(t_bare)  # steadier than medians on a busy machine
+        print(f"ratio          {mj / mb:7.3f}  (medians; aim <= 1.15)  best-of ratio {best:.3f}")
 
         if args.breakdown:
             m = job.manifest

@@ -49,6 +49,17 @@ def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
     )
 
 
+def _create_arrays(group: zarr.Group, m: Manifest) -> None:
+    """Create the arrays not there yet; idempotent, and safe while other writers do the same."""
+    for spec in m.arrays():
+        if spec.name in group:
+            continue
+        try:
+            _create_array(group, spec, m)
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, FileExistsError):
+            pass
+
+
 class CacheWriter:
     """Writes one cache. Safe to open from many workers at once: creation is idempotent."""
 
@@ -84,17 +95,14 @@ class CacheWriter:
                     f"{url} holds cache {found.cache_id} with a different manifest; refusing to "
                     "write into it"
                 )
+            _create_arrays(group, found)  # the writer that made the group may still be at it
             return cls(storage, found, group)
         # Never mode="w": it would delete what a worker racing us has already written.
         try:
             group = zarr.open_group(store, mode="w-", attributes={MANIFEST_KEY: manifest.to_dict()})
-        except zarr.errors.ContainsGroupError:
+        except (zarr.errors.ContainsGroupError, FileExistsError):  # another writer was first
             return cls.open(url, manifest, storage_options)
-        for spec in manifest.arrays():
-            try:
-                _create_array(group, spec, manifest)
-            except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
-                pass
+        _create_arrays(group, manifest)
         log.info("created cache %s at %s", manifest.cache_id, url)
         return cls(storage, manifest, group)
 

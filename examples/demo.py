@@ -344,7 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     job = write_job(sizes, out, teacher_dir, train)
 
     header("3/4 teacher pass: kdcache run (one forward per row, cached)")
+    caches = out / "root" / "caches"
+    before = {p.name for p in caches.iterdir()} if caches.is_dir() else set()
     cache_path, wall = run_cache(job, out / "root")
+    if Path(cache_path).name in before:
+        print("(--keep: this cache was already complete, so nothing was recomputed)")
     cache = TeacherCache(cache_path)
     n_tokens = cache.manifest.num_rows * cache.manifest.seq_len
     size = dir_bytes(cache_path)

@@ -83,10 +83,10 @@ cleanup() {
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
         if [ "$rc" != 0 ]; then
             log "failed (exit $rc); service and worker logs:"
-            timeout 60 docker compose logs --no-color --tail 60 service worker 2>&1 | tail -150
+            timeout --foreground 60 docker compose logs --no-color --tail 60 service worker 2>&1 | tail -150
         fi
         log "tearing down: containers, networks, volumes"
-        timeout 120 docker compose down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
+        timeout --foreground 120 docker compose down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
         log "stopping dockerd ($DOCKERD_PID)"
         kill "$DOCKERD_PID"
         for _ in $(seq 40); do
@@ -245,7 +245,7 @@ export KDCACHE_TEST_SLEEP=0.4
 docker compose config --quiet || die "docker compose config failed"
 
 log "building images (service, worker, moto S3, PostgreSQL)"
-timeout 900 docker compose build >"$WORK/build.log" 2>&1 ||
+timeout --foreground 900 docker compose build >"$WORK/build.log" 2>&1 ||
     die "image build failed:$(printf '\n')$(tail -40 "$WORK/build.log")"
 docker image ls --format '  {{.Repository}}:{{.Tag}} {{.Size}}' | grep kdcache
 
@@ -257,12 +257,12 @@ fi
 log "ok: the service image has kdcache.service and no torch"
 
 log "starting s3, db, service"
-timeout 300 docker compose up --detach --pull never --wait --wait-timeout 240 service ||
+timeout --foreground 300 docker compose up --detach --pull never --wait --wait-timeout 240 service ||
     die "the stack did not become healthy"
 docker compose ps --format '  {{.Service}}: {{.Status}}'
 
 log "running the job (2 workers, one killed mid-shard)"
-timeout 900 "$PY" scripts/compose/driver.py run \
+timeout --foreground 900 "$PY" scripts/compose/driver.py run \
     --server "http://127.0.0.1:$KDCACHE_PORT" \
     --s3-endpoint "http://127.0.0.1:$KDCACHE_TEST_S3_PORT" \
     --data "$DATA" --embedded "$WORK/embedded"

@@ -166,6 +166,15 @@ def _sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+def _with_driver(url: str) -> str:
+    """A PostgreSQL URL without a driver gets psycopg 3 (the one kdcache installs), not
+    SQLAlchemy's default psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and up-front write locks."""
     if url.startswith("sqlite"):
@@ -177,7 +186,7 @@ def make_engine(url: str) -> Engine:
         )
         _sqlite_hooks(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(_with_driver(url), pool_pre_ping=True)
 
 
 def _stored_version(engine: Engine) -> int | None:

@@ -184,10 +184,12 @@ def kill_worker_mid_shard(stack: Stack, job_id: str) -> tuple[str, int]:
     """Wait until both workers are busy and a shard is done; kill one in the middle of a shard."""
 
     def two_busy() -> list[str] | None:
+        job = stack.job(job_id)
+        if job["status"] not in ("pending", "running"):
+            raise CheckFailed(f"the job ended {job['status']} early: {job.get('error')}")
         ids = worker_containers()
         busy = [c for c in ids if in_flight(docker("logs", c), job_id) is not None]
-        done = stack.job(job_id)["shards_done"]
-        return busy if len(ids) == 2 and len(busy) == 2 and done >= 1 else None
+        return busy if len(ids) == 2 and len(busy) == 2 and job["shards_done"] >= 1 else None
 
     busy = wait_for("two workers in the middle of shards", 240, two_busy)
     victim = busy[0]

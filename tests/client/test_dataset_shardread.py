@@ -1,5 +1,6 @@
 """The local shard-file fast path reads exactly what zarr reads, for any rows, crop and geometry
-(chunks split along T, partial last shard, chunks never written because they hold the fill)."""
+(chunks split along T, partial last shard, inner chunks that hold only the fill value), and a
+missing shard object of a completed shard is an error, never zeros."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from kdcache.core.errors import IntegrityError
 
 
 def _array(
-    root: Path, dtype: str = "float16", compressors: Any = None
+    root: Path, dtype: str = "float16", compressors: Any = None, write_empty: bool = True
 ) -> tuple[zarr.Array, np.ndarray]:
     rng = np.random.default_rng(0)
     data = (rng.standard_normal((23, 12, 3)) * 10).astype(dtype)
-    data[6:12] = 0  # one whole shard equal to the fill value: never written
+    data[6:12] = 0  # one whole shard equal to the fill value (kdcache writes it all the same)
     data[14:16, 4:8] = 0  # one inner chunk equal to the fill value
     group = zarr.open_group(zarr.storage.LocalStore(root), mode="w")
     arr = group.create_array(
@@ -34,7 +35,7 @@ def _array(
         fill_value=0,
         compressors=compressors or BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
     )
-    arr[:] = data
+    arr.with_config({"write_empty_chunks": write_empty})[:] = data
     return arr, data
 
 
@@ -52,7 +53,7 @@ def test_fast_path_equals_zarr(tmp_path: Path, crop: int | None, out_dtype: str)
     arr, data = _array(tmp_path)
     layout = FastLayout.of(arr)
     assert layout is not None and layout.inner == (2, 4, 3) and layout.grid == (3, 3, 1)
-    assert not (tmp_path / layout.key(1)).exists(), "the all-fill shard is not written"
+    assert (tmp_path / layout.key(1)).exists(), "kdcache writes all-fill shards too"
     rng = np.random.default_rng(1)
     for rows in (np.arange(23), np.array([0, 5, 13, 14, 22]), np.sort(rng.choice(23, 9, False))):
         t = 12 if crop is None else crop
@@ -62,6 +63,15 @@ def test_fast_path_equals_zarr(tmp_path: Path, crop: int | None, out_dtype: str)
         expected = data[rows, :t].astype(out_dtype)
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(read_rows(arr, rows, crop), data[rows, :t])
+
+
+def test_missing_shard_object_is_an_error(tmp_path: Path) -> None:
+    arr, _ = _array(tmp_path, write_empty=False)
+    layout = FastLayout.of(arr)
+    assert layout is not None and not (tmp_path / layout.key(1)).exists()
+    out = np.zeros((2, 12, 3), dtype="float32")
+    with pytest.raises(IntegrityError, match="missing"):
+        layout.tasks(_locate(tmp_path), np.array([6, 7]), out, None)
 
 
 def test_other_layouts_go_through_zarr(tmp_path: Path) -> None:

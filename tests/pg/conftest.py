@@ -39,7 +39,7 @@ class PostgresServer:
 
         dsn = self.url.replace("postgresql+psycopg://", "postgresql://", 1)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]  # test-made names only
+            conn.execute(sql.encode())
 
 
 def _initdb() -> Path | None:

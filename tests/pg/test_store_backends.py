@@ -268,3 +268,19 @@ def test_cancel_stops_leasing_and_tells_the_heartbeat(
     assert claim(c).status_code == 204
     beat = c.post(f"/v1/leases/{lease['id']}/heartbeat", headers=WORKER_H)
     assert beat.status_code == 409 and beat.json()["error"]["code"] == "job_cancelled"
+
+
+def test_a_postgresql_url_without_a_driver_uses_psycopg(postgres: Any, root: Path) -> None:
+    """``postgresql://`` (what most tools print) works: psycopg 3, not the absent psycopg2."""
+    name = f"kdcache_plain_{int(time.time() * 1000)}"
+    postgres.execute(f'CREATE DATABASE "{name}"')
+    try:
+        plain = postgres.database_url(name).replace("postgresql+psycopg://", "postgresql://")
+        settings = Settings(root=str(root), db_url=plain, admin_token=ADMIN, worker_token=WORKER)
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/healthz").json()["db"] == "ok"
+        engine = make_engine(plain)
+        assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
+        engine.dispose()
+    finally:
+        postgres.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
