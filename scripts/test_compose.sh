@@ -39,6 +39,7 @@ if [ "${MEM_KB:-0}" -gt $((12 * 1024 * 1024)) ]; then
     WORK_TMPFS=1
 fi
 DOCKERD_PID=
+DEBOOTSTRAP_PID=
 POLICY_RC=
 IP_FORWARD=$(cat /proc/sys/net/ipv4/ip_forward)
 LINKS_BEFORE=$(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort)
@@ -81,12 +82,16 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
-        if [ "$rc" != 0 ]; then
-            log "failed (exit $rc); service and worker logs:"
-            timeout --foreground 60 docker compose logs --no-color --tail 60 service worker 2>&1 | tail -150
+        if [ -n "${COMPOSE_FILE:-}" ]; then
+            if [ "$rc" != 0 ]; then
+                log "failed (exit $rc); service and worker logs:"
+                timeout --foreground 60 docker compose logs --no-color --tail 60 service worker 2>&1 |
+                    tail -150
+            fi
+            log "tearing down: containers, networks, volumes"
+            timeout --foreground 120 docker compose down --volumes --remove-orphans --timeout 5 \
+                >/dev/null 2>&1
         fi
-        log "tearing down: containers, networks, volumes"
-        timeout --foreground 120 docker compose down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1
         log "stopping dockerd ($DOCKERD_PID)"
         kill "$DOCKERD_PID"
         for _ in $(seq 40); do
@@ -95,6 +100,10 @@ cleanup() {
         done
         kill -0 "$DOCKERD_PID" 2>/dev/null && kill -9 "$DOCKERD_PID"
         log "dockerd stopped"
+    fi
+    if [ -n "$DEBOOTSTRAP_PID" ] && kill -0 "$DEBOOTSTRAP_PID" 2>/dev/null; then
+        kill -9 -- "-$DEBOOTSTRAP_PID" 2>/dev/null
+        wait "$DEBOOTSTRAP_PID" 2>/dev/null
     fi
     # Anything still running from the daemon's folders (containerd, shims) was started by us.
     for pid in $(pgrep -f -- "$WORK/" 2>/dev/null); do
@@ -156,7 +165,7 @@ start_dockerd() {
     # Its own data and exec roots and socket: nothing shared with a system daemon, all removed.
     setsid dockerd --data-root "$WORK/docker/data" --exec-root "$WORK/docker/exec" \
         -H "$DOCKER_HOST" --pidfile "$WORK/docker/pid" --mtu "$mtu" \
-        >"$WORK/docker/dockerd.log" 2>&1 </dev/null &
+        >"$WORK/docker/dockerd.log" 2>&1 </dev/null 9>&- &
     DOCKERD_PID=$!
     for _ in $(seq 60); do
         docker version >/dev/null 2>&1 && return
@@ -193,15 +202,28 @@ token() { "$PY" -c 'import secrets; print(secrets.token_hex(16))'; }
 install_host_packages
 log "work dir $WORK${WORK_TMPFS:+ (tmpfs)}"
 
+# One run at a time per machine, and never beside another Docker daemon: the cleanup removes the
+# docker0 bridge and iptables rules the daemon made, which another daemon would be using.
+mkdir -p /run/lock
+exec 9>/run/lock/kdcache-test-compose.lock
+flock -n 9 || die "another test-compose run holds /run/lock/kdcache-test-compose.lock"
+if ip link show docker0 >/dev/null 2>&1; then
+    die "a docker0 bridge exists: another Docker daemon runs here (stop it first)"
+fi
+
 log "debootstrap: Debian bookworm with python3-venv (in the background)"
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
-    "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 &
+# In a session of its own, so that the cleanup can stop it and its dpkg children together.
+setsid debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
+    "$WORK/rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 9>&- &
 DEBOOTSTRAP_PID=$!
 
 start_dockerd
 log "dockerd up ($(docker version --format '{{.Server.Version}}'))"
 install_compose
 log "compose $(docker compose version --short)"
+# The shipped file must be valid as it is, with no settings at all.
+env -i PATH="$PATH" DOCKER_CONFIG="$DOCKER_CONFIG" docker compose -f docker/compose.yml config -q ||
+    die "docker/compose.yml is not valid on its own"
 
 log "build context: sources and a wheelhouse"
 CTX=$WORK/context

@@ -61,8 +61,22 @@ def _install() -> str:
     """apt-get install postgresql; returns what went wrong, or ''."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return "initdb is not installed and this is not root with apt-get"
+    # The package would start a system-wide server of its own; policy-rc.d forbids that.
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = not policy.exists()
+    if made_policy:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        return _apt_install("postgresql")
+    finally:
+        if made_policy:
+            policy.unlink(missing_ok=True)
+
+
+def _apt_install(package: str) -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
     out = ""
     for step in ([], [["apt-get", "update", "-q"]]):
         try:
@@ -75,7 +89,7 @@ def _install() -> str:
         if proc.returncode == 0:
             return ""
         out = (proc.stdout + proc.stderr)[-500:]
-    return f"apt-get install postgresql failed: {out}"
+    return f"apt-get install {package} failed: {out}"
 
 
 def _free_port() -> int:
