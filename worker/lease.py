@@ -168,19 +168,26 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         interval = max(0.1, self.lease.lease_seconds / 3)
-        path = f"/v1/leases/{self.lease.id}/heartbeat"
         while not self._stop_event.wait(interval):
-            try:
-                resp = self.service.post(path, retry=False)
-            except ServiceError as err:  # the next beat tries again; the deadline decides
-                log.warning("heartbeat of shard %d failed: %s", self.lease.shard, err)
-                continue
-            if resp.status_code == 409 or (resp.is_success and _says_cancelled(resp)):
-                self.lost = _error_code(resp) if resp.status_code == 409 else "job_cancelled"
-                self.lost_event.set()
+            if not self.beat():
                 return
-            if not resp.is_success:
-                log.warning("heartbeat of shard %d: HTTP %d", self.lease.shard, resp.status_code)
+
+    def beat(self) -> bool:
+        """One heartbeat now; False once the lease is lost (then ``lost`` says why)."""
+        if self.lost_event.is_set():
+            return False
+        try:
+            resp = self.service.post(f"/v1/leases/{self.lease.id}/heartbeat", retry=False)
+        except ServiceError as err:  # the next beat tries again; the deadline decides
+            log.warning("heartbeat of shard %d failed: %s", self.lease.shard, err)
+            return True
+        if resp.status_code == 409 or (resp.is_success and _says_cancelled(resp)):
+            self.lost = _error_code(resp) if resp.status_code == 409 else "job_cancelled"
+            self.lost_event.set()
+            return False
+        if not resp.is_success:
+            log.warning("heartbeat of shard %d: HTTP %d", self.lease.shard, resp.status_code)
+        return True
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -242,7 +249,10 @@ class _JobCache:
 
 
 def _compute_and_write(
-    lease: Lease, jobs: _JobCache, should_stop: Callable[[], bool]
+    lease: Lease,
+    jobs: _JobCache,
+    should_stop: Callable[[], bool],
+    still_owner: Callable[[], bool],
 ) -> ShardRecord:
     job, writer = jobs.get(lease)
     want = job.manifest.shard_rows(lease.shard)
@@ -253,7 +263,9 @@ def _compute_and_write(
         )
     runner = ShardRunner(replace(job, teacher=_GuardedTeacher(job.teacher, should_stop)), writer)
     data = runner.compute(lease.shard)
-    if should_stop():  # someone else owns the shard now: do not overwrite their arrays
+    # Ask the service right before writing: a lease that expired during a long compute may
+    # belong to another worker now, whose arrays must not be overwritten.
+    if should_stop() or not still_owner():
         raise _ShardAbandoned
     return runner.write(lease.shard, data, commit=False)
 
@@ -266,7 +278,9 @@ def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Eve
     fail: dict[str, Any] | None = None
     record: ShardRecord | None = None
     try:
-        record = _compute_and_write(lease, jobs, lambda: beat.lost_event.is_set() or abort.is_set())
+        record = _compute_and_write(
+            lease, jobs, lambda: beat.lost_event.is_set() or abort.is_set(), beat.beat
+        )
     except _ShardAbandoned:
         pass
     except _PERMANENT as err:
