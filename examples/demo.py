@@ -250,10 +250,11 @@ def run_cache(job: Path, root: Path) -> tuple[str, float]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"kdcache run failed with exit code {proc.returncode}")
-    return proc.stdout.strip().splitlines()[-1], wall
+    return lines[-1], wall
 
 
 def train_student(
