@@ -31,6 +31,7 @@ from kdcache.worker.teachers import Teacher
 
 __all__ = [
     "CHUNK_BYTES",
+    "CPU_CHUNK_BYTES",
     "check_ids",
     "default_t_chunk",
     "extract",
@@ -41,7 +42,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 << 20
-"""Target size of one chunk of float32 logits (B, t_chunk, V)."""
+"""Target size of one chunk of float32 logits (B, t_chunk, V) on an accelerator."""
+CPU_CHUNK_BYTES = 4 << 20
+"""On a CPU, small chunks keep top-k and log-sum-exp in cache: 2.5x faster than 256 MiB chunks
+(bench/teacher_pass.py --breakdown: 1.24 s -> 0.50 s for a d=256, V=8192 teacher)."""
 
 _HIDDEN = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -141,7 +145,8 @@ def extract(
         logprobs = np.empty((b, t, topk), dtype=np.float16)
         indices = np.empty((b, t, topk), dtype=idt)
         lse = np.empty((b, t, n), dtype=np.float32)
-        step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v)
+        budget = CPU_CHUNK_BYTES if out.logits.device.type == "cpu" else CHUNK_BYTES
+        step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v, budget)
         with torch.inference_mode():
             for t0 in range(0, t, step):
                 t1 = min(t, t0 + step)
