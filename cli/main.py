@@ -35,9 +35,10 @@ def _human_bytes(n: float) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from kdcache.client.cache import open_reader
     from kdcache.core.inspect import inspect_cache
 
-    info = inspect_cache(args.cache)
+    info = inspect_cache(args.cache, open_reader(args.cache))
     if args.json:
         print(json.dumps(info, indent=1))
         return EXIT_OK
@@ -59,9 +60,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             if a["dtype"] == a["stored_dtype"]
             else f"{a['dtype']} (as {a['stored_dtype']})"
         )
-        size = _human_bytes(a["bytes"]) if a["bytes"] is not None else "?"
+        size = _human_bytes(a["bytes"]) if a["bytes"] is not None else "(size unknown)"
         print(f"  {a['name']:<18} {str(tuple(a['shape'])):<20} {dtype:<22} {size}")
-    if info["bytes"] is not None:
+    if info["bytes"] is not None and info["bytes_per_token"] is not None:
         bpt = info["bytes_per_token"]
         print(
             f"on disk    {_human_bytes(info['bytes'])}, {bpt:,.1f} bytes/token (of completed rows)"
@@ -70,9 +71,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from kdcache.core.reader import CacheReader
+    from kdcache.client.cache import open_reader
 
-    reader = CacheReader(args.cache)
+    reader = open_reader(args.cache)
     checks = reader.verify()
     bad = [c for c in checks if not c.ok]
     for c in bad:

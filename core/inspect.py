@@ -12,7 +12,7 @@ __all__ = ["inspect_cache"]
 def _array_bytes(reader: CacheReader, name: str) -> int | None:
     try:
         return sum(reader.storage.size(k) for k in reader.storage.list(f"{name}/c"))
-    except (OSError, NotImplementedError):
+    except (OSError, NotImplementedError, ValueError):  # e.g. HTTP cannot list objects
         return None
 
 

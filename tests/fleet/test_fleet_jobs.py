@@ -90,3 +90,22 @@ def test_zarr_fsspec_store_opens_the_served_group(
     ids = group["input_ids"]
     assert isinstance(ids, zarr.Array)
     assert np.asarray(ids[2:5, 3:7]).shape == (3, 4)  # a partial read: HTTP Range
+
+
+def test_inspect_and_verify_a_served_cache(
+    done_job: tuple[Fleet, dict[str, Any], dict[str, Any]],
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    fleet, _, job = done_job
+    url = fleet.cache_url(job["cache_id"])
+    run = [sys.executable, "-m", "kdcache.cli"]
+    info = subprocess.run([*run, "inspect", url, "--json"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    body = json.loads(info.stdout)
+    assert body["complete"] and body["shards_done"] == 4 and body["tokens"] == 8 * 16
+    verify = subprocess.run([*run, "verify", url], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    assert "4/4 completed shards verified ok" in verify.stdout
