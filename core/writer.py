@@ -91,9 +91,15 @@ class CacheWriter:
                 raise CacheFormatError(f"{url} is a Zarr group but not a kdcache cache")
             found = Manifest.from_dict(dict(existing))  # type: ignore[arg-type]
             if found != manifest:
+                mine, theirs = manifest.to_dict(), found.to_dict()
+                diff = [
+                    f"{k}: {theirs[k]!r} there, {mine[k]!r} here"
+                    for k in mine
+                    if mine[k] != theirs[k]
+                ]
                 raise ManifestMismatchError(
                     f"{url} holds cache {found.cache_id} with a different manifest; refusing to "
-                    "write into it"
+                    "write into it (" + "; ".join(diff) + ")"
                 )
             _create_arrays(group, found)  # the writer that made the group may still be at it
             return cls(storage, found, group)

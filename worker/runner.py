@@ -42,8 +42,15 @@ def cache_url(root: str | os.PathLike[str], cache_id: str) -> str:
     return f"{r}/caches/{cache_id}" if "://" in r else str(Path(r).absolute() / "caches" / cache_id)
 
 
-def build_manifest(plan: JobPlan, hidden_size: int | None) -> Manifest:
-    """The manifest of ``plan``'s cache. Holds no file paths: moving files keeps the cache."""
+def build_manifest(
+    plan: JobPlan, hidden_size: int | None, teacher_dtype: str | None = None
+) -> Manifest:
+    """The manifest of ``plan``'s cache. Holds no file paths: moving files keeps the cache.
+
+    ``teacher_dtype`` is the dtype the teacher really runs in (``auto`` resolves per device):
+    a writer whose teacher resolves differently cannot open the cache, so one cache never mixes
+    bfloat16 and float32 numbers.
+    """
     spec, info = plan.spec, plan.teacher
     if info.vocab_size is None or plan.num_rows is None:
         raise ValueError("build_manifest needs a completed plan (vocab size and rows known)")
@@ -51,6 +58,7 @@ def build_manifest(plan: JobPlan, hidden_size: int | None) -> Manifest:
         "kind": "hf" if spec.teacher.hf else "module",
         "module": spec.teacher.module,
         "dtype": spec.teacher.dtype,
+        "resolved_dtype": teacher_dtype,
         "num_layers": info.num_layers,
     }
     ds = spec.dataset
@@ -117,7 +125,8 @@ def prepare_job(
         max_positions=teacher.max_positions,
     )
     plan = plan.complete(teacher=info, num_rows=source.num_rows)
-    manifest = build_manifest(plan, _hidden_size(teacher, plan.layers))
+    dtype = str(teacher.dtype).removeprefix("torch.")
+    manifest = build_manifest(plan, _hidden_size(teacher, plan.layers), dtype)
     return PreparedJob(plan=plan, manifest=manifest, teacher=teacher, source=source)
 
 

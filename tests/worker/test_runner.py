@@ -217,3 +217,19 @@ def test_sigkill_then_rerun_gives_identical_cache(tmp_path: Path) -> None:
     }
     assert files_a.keys() == files_b.keys() and files_a == files_b
     assert not list(cache_b.rglob("*.partial"))
+
+
+def test_a_writer_resolving_another_dtype_cannot_join(
+    tmp_path: Path, tiny_teacher_dir: Path, tokens_npy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdcache.core.errors import ManifestMismatchError
+    from kdcache.worker import teachers
+
+    spec = _spec(tiny_teacher_dir, tokens_npy)
+    spec["teacher"]["dtype"] = "auto"  # float32 on this CPU ...
+    url = run_job(parse_spec(spec), tmp_path)
+    assert CacheReader(url).manifest.teacher["resolved_dtype"] == "float32"
+    # ... bfloat16 on a GPU worker: same cache id, different numbers; it must not write there
+    monkeypatch.setattr(teachers, "resolve_dtype", lambda dtype, device: torch.bfloat16)
+    with pytest.raises(ManifestMismatchError, match="bfloat16"):
+        run_job(parse_spec(spec), tmp_path)
