@@ -249,9 +249,15 @@ class LeaseBook:
             )
 
     def complete(self, lease_id: str, rec: RecordIn) -> Job:
-        """Record a written shard and publish its completion record into the cache."""
+        """Record a written shard and publish its completion record into the cache.
+
+        Idempotent: the same lease completing again with the same checksums (its first answer
+        was lost) gets the job back, not a conflict.
+        """
         with self.store.read() as s:
             o = self._load(s, lease_id, lock=False)
+            if o.lease.state == "done" and (o.shard.record or {}).get("checksums") == rec.checksums:
+                return self.store.view(s, o.job)
             if (refusal := self._refusal(o)) is not None:
                 raise refusal
         self._check_record(o, rec)  # reads the cache: outside the write transaction

@@ -124,12 +124,18 @@ def test_complete_marks_done_and_publishes_the_record(
         published = json.loads((cache_dir / record_key(shard)).read_text())
         assert published["checksums"] == built_cache.records[shard].checksums
     assert r.json()["status"] == "done" and r.json()["shards_done"] == 4
-    again = c.post(
+    again = c.post(  # a retry whose first answer was lost: idempotent
         f"/v1/leases/{lease['id']}/complete",
         json=record_body(built_cache.records[3]),
         headers=WORKER_H,
     )
-    assert again.status_code == 409 and again.json()["error"]["code"] == "job_cancelled"
+    assert again.status_code == 200 and again.json()["shards_done"] == 4
+    other = c.post(  # the same lease claiming other data is refused
+        f"/v1/leases/{lease['id']}/complete",
+        json=record_body(built_cache.records[2]),
+        headers=WORKER_H,
+    )
+    assert other.status_code == 409 and other.json()["error"]["code"] == "job_cancelled"
     detail = c.get(f"/v1/caches/{job['cache_id']}").json()
     assert detail["complete"] is True
     assert [r["shard"] for r in detail["completed"]] == [0, 1, 2, 3]
