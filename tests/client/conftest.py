@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dataset_support import CacheFactory, free_port
+from _net import free_port
+from test_dataset_support import CacheFactory
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 import types
 from collections.abc import Iterator
 from itertools import islice
@@ -112,33 +109,3 @@ class CacheFactory:
             self.made[(n_rows, rows_per_shard)] = url
             self.specs[url], self.roots[url] = spec, base / "root"
         return self.made[(n_rows, rows_per_shard)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(app: Any, timeout: float = 15.0) -> Iterator[str]:
-    """Run an ASGI ``app`` under a real uvicorn on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()

@@ -13,7 +13,8 @@ import pytest
 import torch
 import zarr
 import zarr.storage
-from test_dataset_support import CacheFactory, global_sequence, rank_batches, serve
+from _net import serve
+from test_dataset_support import CacheFactory, global_sequence, rank_batches
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _net import free_port
 
 from kdcache.core.reader import CacheReader
 
@@ -60,12 +60,6 @@ class SlowTeacher(nn.Module):
 def make():
     return SlowTeacher()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, n: int = 4000) -> str:

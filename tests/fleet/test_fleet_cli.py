@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fleet_helpers import Fleet, free_port
+from _net import free_port
+from fleet_helpers import Fleet
 
 from kdcache.cli.main import main
 

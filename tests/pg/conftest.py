@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _net import free_port
 
 APT_TIMEOUT = 900
 
@@ -92,12 +92,6 @@ def _apt_install(package: str) -> str:
     return f"apt-get install {package} failed: {out}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _as_postgres(cmd: list[str]) -> list[str]:
     """initdb and postgres refuse to run as root: run them as Debian's postgres user."""
     if os.geteuid() != 0:
@@ -128,7 +122,7 @@ def postgres() -> Iterator[PostgresServer]:
     bindir = initdb.parent
     # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
     base = Path(tempfile.mkdtemp(prefix="kdcache-pg-"))
-    data, port, user = base / "data", _free_port(), "kdcache"
+    data, port, user = base / "data", free_port(), "kdcache"
     if os.geteuid() == 0:
         shutil.chown(base, user="postgres")
     base.chmod(0o700)

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
-from fastapi import FastAPI
+from _net import serve  # noqa: F401  # re-exported to the service tests
 from fastapi.testclient import TestClient
 
 from kdcache.core.shards import RECORDS_PREFIX, ShardRecord
@@ -79,29 +73,6 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
         if pg is not None:
             values["db_url"] = pg
     return Settings(**values)
-
-
-@contextmanager
-def serve(app: FastAPI, timeout: float = 15.0) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn on a free loopback port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()
 
 
 @dataclass(frozen=True)
