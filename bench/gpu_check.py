@@ -27,13 +27,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import teacher_pass_spec, timed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -81,39 +81,6 @@ def make_teacher(args: argparse.Namespace, path: Path, device: torch.device) -> 
     model.to(torch.bfloat16).save_pretrained(path)
     del model
     return path
-
-
-def make_spec(args: argparse.Namespace, teacher: Path, tokens: Path, device: str) -> Any:
-    from kdcache.core.spec import parse_spec
-
-    return parse_spec(
-        {
-            "name": "gpu-check",
-            "teacher": {"hf": str(teacher), "dtype": "bfloat16", "device": device},
-            "dataset": {"tokens": str(tokens)},
-            "outputs": {
-                "topk": args.topk,
-                "temperatures": [1.0, 2.0],
-                "hidden_layers": "uniform:2",
-                "hidden_dtype": "bfloat16",
-            },
-            "batch_size": args.batch,
-            "rows_per_shard": args.rows_per_shard,
-        }
-    )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def topk_stats(
@@ -218,7 +185,9 @@ def main() -> int:
         work = Path(tmp)
         teacher_dir = make_teacher(args, work / "teacher", dev)
         tokens = make_tokens(work / "tokens.npy", args.rows, args.seq_len, args.vocab)
-        spec = make_spec(args, teacher_dir, tokens, args.device)
+        spec = teacher_pass_spec(
+            args, teacher_dir, tokens, name="gpu-check", dtype="bfloat16", device=args.device
+        )
         job = prepare_job(spec)
         model = job.teacher.model
         n_params = sum(p.numel() for p in model.parameters())

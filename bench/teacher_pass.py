@@ -25,12 +25,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from _common import teacher_pass_spec, timed
 
 if TYPE_CHECKING:
     from kdcache.core.spec import JobSpec
@@ -58,7 +58,6 @@ def parse_args() -> argparse.Namespace:
 
 def make_job(args: argparse.Namespace, work: Path) -> tuple[JobSpec, PreparedJob]:
     """A random teacher + tokens under ``work``; returns (spec, prepared job)."""
-    from kdcache.core.spec import parse_spec
     from kdcache.worker.runner import prepare_job
     from kdcache.worker.toy import make_tiny_teacher, make_tokens
 
@@ -71,28 +70,10 @@ def make_job(args: argparse.Namespace, work: Path) -> tuple[JobSpec, PreparedJob
         max_positions=args.seq_len,
     )
     tokens = make_tokens(work / "tokens.npy", args.rows, args.seq_len, args.vocab)
-    spec = parse_spec(
-        {
-            "name": "bench-teacher-pass",
-            "teacher": {"hf": str(teacher), "dtype": "float32", "device": "cpu"},
-            "dataset": {"tokens": str(tokens)},
-            "outputs": {
-                "topk": args.topk,
-                "temperatures": [1.0, 2.0],
-                "hidden_layers": "uniform:2",
-                "hidden_dtype": "bfloat16",
-            },
-            "batch_size": args.batch,
-            "rows_per_shard": args.rows_per_shard,
-        }
+    spec = teacher_pass_spec(
+        args, teacher, tokens, name="bench-teacher-pass", dtype="float32", device="cpu"
     )
     return spec, prepare_job(spec)
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> int:
