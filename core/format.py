@@ -28,6 +28,9 @@ __all__ = [
     "ARRAY_LOGPROBS",
     "ARRAY_INDICES",
     "ARRAY_LOGSUMEXP",
+    "ARRAY_LOSS_MASK",
+    "ARRAY_SAMPLE_COUNTS",
+    "ARRAY_SAMPLE_INDICES",
     "FORMAT_VERSION",
     "ArraySpec",
     "Manifest",
@@ -45,6 +48,12 @@ ARRAY_INPUT_IDS = "input_ids"
 ARRAY_LOGPROBS = "topk/logprobs"
 ARRAY_INDICES = "topk/indices"
 ARRAY_LOGSUMEXP = "topk/logsumexp"
+ARRAY_LOSS_MASK = "loss_mask"
+"""(N, T) bool: position j's prediction of token j+1 is trained (issue 8)."""
+ARRAY_SAMPLE_INDICES = "sample/indices"
+"""(N, T, m): unique ids drawn from the teacher at t=1 (issue 9)."""
+ARRAY_SAMPLE_COUNTS = "sample/counts"
+"""(N, T, m): how often each of ``sample/indices`` was drawn; 0 = padding (issue 9)."""
 CHUNK_TARGET_BYTES = 1 << 20
 HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
