@@ -7,14 +7,17 @@ Per row block ``ids`` (B, T), :func:`extract` returns, keyed by the cache's arra
     topk/logsumexp   (B, T, n_temps) float32   log sum_v exp(z_v / t) over the full vocabulary
     hidden/<layer>   (B, T, d)       float16 | float32 | uint16 (the bits of bfloat16)
 
-The logits math runs in float32, ``t_chunk`` positions at a time, so a float32 copy of the
-whole (B, T, V) logits never exists at once; the model's own logits stay in its dtype.
+The logits math runs in float32, ``t_chunk`` positions at a time (:func:`chunk_arrays`), so a
+float32 copy of the whole (B, T, V) logits never exists at once. For a teacher with a linear LM
+head (:class:`~kdcache.worker.teachers.FusedTeacher`) the head itself runs per chunk, so no
+(B, T, V) tensor exists at all; other teachers' logits stay in the model's dtype.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -27,12 +30,14 @@ from kdcache.core.format import (
     ARRAY_LOGSUMEXP,
     hidden_array,
 )
-from kdcache.worker.teachers import Teacher
+from kdcache.worker.teachers import FusedTeacher, Teacher
 
 __all__ = [
     "CHUNK_BYTES",
     "CPU_CHUNK_BYTES",
+    "LogitOutputs",
     "check_ids",
+    "chunk_arrays",
     "default_t_chunk",
     "extract",
     "extract_batches",
@@ -77,12 +82,8 @@ def check_ids(ids: np.ndarray, vocab_size: int, row_offset: int = 0) -> None:
 
 def hidden_to_numpy(h: torch.Tensor, hidden_dtype: str) -> np.ndarray:
     """(B, T, d) tensor -> numpy in the cache dtype; bfloat16 becomes its uint16 bit pattern."""
-    if hidden_dtype not in _HIDDEN:
-        raise ValueError(f"hidden_dtype must be one of {sorted(_HIDDEN)}, got {hidden_dtype!r}")
-    x = h.detach().to(_HIDDEN[hidden_dtype])
-    if hidden_dtype == "bfloat16":
-        return x.view(torch.int16).cpu().numpy().view(np.uint16)
-    return x.cpu().numpy()
+    x = _hidden_on_device(h, hidden_dtype).cpu().numpy()
+    return x.view(np.uint16) if hidden_dtype == "bfloat16" else x
 
 
 def _check_args(
@@ -99,14 +100,148 @@ def _check_args(
         raise ValueError(f"index dtype {index_dtype} cannot hold vocabulary ids up to {v - 1}")
 
 
-def _topk_chunk(
-    z: torch.Tensor, topk: int, temperatures: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: (B, t, V) float32 -> logprobs (B, t, k), indices (B, t, k), lse (B, t, n_temps)."""
-    lses = [torch.logsumexp(z if t == 1.0 else z / t, dim=-1) for t in temperatures]
-    lse1 = lses[list(temperatures).index(1.0)] if 1.0 in temperatures else z.logsumexp(-1)
-    vals, idx = torch.topk(z, topk, dim=-1, sorted=True)
-    return vals - lse1.unsqueeze(-1), idx, torch.stack(lses, dim=-1)
+@dataclass(frozen=True)
+class LogitOutputs:
+    """What the cache keeps of each position's logits: the parameters of :func:`chunk_arrays`."""
+
+    topk: int
+    temperatures: tuple[float, ...]
+
+
+def chunk_arrays(z: torch.Tensor, want: LogitOutputs) -> dict[str, torch.Tensor]:
+    """The cache arrays of one chunk of positions, from its logits; everything stays on z's device.
+
+    ``z``: (B, t, V) float32 logits of t positions (never the whole sequence at once). Returns
+    ``topk/logprobs`` (B, t, k) float16, ``topk/indices`` (B, t, k) int32 (narrowed to the cache's
+    index dtype on the host) and ``topk/logsumexp`` (B, t, n_temps) float32.
+    """
+    temps = want.temperatures
+    lses = [torch.logsumexp(z if t == 1.0 else z / t, dim=-1) for t in temps]
+    lse1 = lses[temps.index(1.0)] if 1.0 in temps else z.logsumexp(-1)
+    vals, idx = torch.topk(z, want.topk, dim=-1, sorted=True)
+    return {
+        ARRAY_LOGPROBS: (vals - lse1.unsqueeze(-1)).to(torch.float16),
+        ARRAY_INDICES: idx.to(torch.int32),
+        ARRAY_LOGSUMEXP: torch.stack(lses, dim=-1),
+    }
+
+
+def _logit_chunks(
+    t: int, step: int, logits_of: Callable[[int, int], torch.Tensor]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(t0, float32 logits (B, t1 - t0, V)) for each chunk [t0, t1) of the T positions."""
+    for t0 in range(0, t, step):
+        yield t0, logits_of(t0, min(t, t0 + step))
+
+
+class _Landing:
+    """Host buffers one batch's results land in, a chunk at a time.
+
+    On CUDA the buffers are pinned and every copy is asynchronous, so queueing the next batch's
+    forward does not wait for this one; :meth:`arrays` waits. On a CPU the copies are plain.
+    """
+
+    def __init__(self, b: int, t: int) -> None:
+        self.shape = (b, t)
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.events: list[torch.cuda.Event] = []
+        self.devices: set[torch.device] = set()
+
+    def put(self, name: str, t0: int, x: torch.Tensor) -> None:
+        """Copy ``x`` (B, t, ...) into positions t0.. of the host buffer ``name``."""
+        cuda = x.device.type == "cuda"
+        buf = self.bufs.get(name)
+        if buf is None:
+            shape = (*self.shape, *x.shape[2:])
+            buf = self.bufs[name] = torch.empty(shape, dtype=x.dtype, pin_memory=cuda)
+        buf[:, t0 : t0 + x.shape[1]].copy_(x, non_blocking=cuda)
+        if cuda:
+            self.devices.add(x.device)
+
+    def close(self) -> None:
+        """Mark the end of this batch's queued copies (one event per GPU involved)."""
+        for dev in self.devices:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            self.events.append(ev)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        for ev in self.events:
+            ev.synchronize()
+        return {k: v.numpy() for k, v in self.bufs.items()}
+
+
+def _hidden_on_device(h: torch.Tensor, hidden_dtype: str) -> torch.Tensor:
+    """(B, T, d) -> the cache dtype on h's device; bfloat16 as its int16 bits."""
+    if hidden_dtype not in _HIDDEN:
+        raise ValueError(f"hidden_dtype must be one of {sorted(_HIDDEN)}, got {hidden_dtype!r}")
+    x = h.detach().to(_HIDDEN[hidden_dtype])
+    return x.view(torch.int16) if hidden_dtype == "bfloat16" else x
+
+
+def _launch(
+    teacher: Teacher,
+    ids: np.ndarray,
+    want: LogitOutputs,
+    layers: Sequence[int],
+    hidden_dtype: str,
+    t_chunk: int | None,
+    fused: bool,
+) -> _Landing:
+    """Queue one batch: forward, per-chunk logits work and copies to the host; no waiting."""
+    b, t = ids.shape
+    v = teacher.vocab_size
+    x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+    logits_of: Callable[[int, int], torch.Tensor]
+    if fused and isinstance(teacher, FusedTeacher) and teacher.head is not None:
+        head = teacher.head
+        fo = teacher.forward_features(x, list(layers))
+        features, hidden, device = fo.features, fo.hidden, head.weight.device
+        if tuple(features.shape[:2]) != (b, t):
+            raise TeacherError(
+                f"{teacher.description}: features of shape {tuple(features.shape)}, "
+                f"expected {(b, t)} + (d,)"
+            )
+        logits_of = lambda t0, t1: head(features[:, t0:t1])  # noqa: E731
+    else:
+        out = teacher.forward(x, list(layers))
+        logits, hidden, device = out.logits, out.hidden, out.logits.device
+        if tuple(logits.shape) != (b, t, v):
+            raise TeacherError(
+                f"{teacher.description}: logits of shape {tuple(logits.shape)}, "
+                f"expected {(b, t, v)}"
+            )
+        logits_of = lambda t0, t1: logits[:, t0:t1].float()  # noqa: E731
+    land = _Landing(b, t)
+    with torch.inference_mode():
+        if want.topk:
+            budget = CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
+            step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v, budget)
+            for t0, z in _logit_chunks(t, step, logits_of):
+                for name, part in chunk_arrays(z, want).items():
+                    land.put(name, t0, part)
+        for layer in layers:
+            land.put(hidden_array(layer), 0, _hidden_on_device(hidden[layer], hidden_dtype))
+    land.close()
+    return land
+
+
+def _finish(
+    land: _Landing, teacher: Teacher, index_dtype: np.dtype, hidden_dtype: str, row_offset: int
+) -> dict[str, np.ndarray]:
+    """Wait for a launched batch; its arrays in the cache dtypes, non-finite logits refused."""
+    out = land.arrays()
+    if ARRAY_LOGSUMEXP in out:
+        finite = np.isfinite(out[ARRAY_LOGSUMEXP]).reshape(out[ARRAY_LOGSUMEXP].shape[0], -1)
+        if not finite.all():
+            r = int(np.argmin(finite.all(axis=1)))
+            raise TeacherError(f"{teacher.description}: non-finite logits at row {row_offset + r}")
+        out[ARRAY_INDICES] = out[ARRAY_INDICES].astype(index_dtype, copy=False)
+    if hidden_dtype == "bfloat16":
+        for k, a in out.items():
+            if k.startswith("hidden/"):
+                out[k] = a.view(np.uint16)
+    return out
 
 
 def extract(
@@ -120,51 +255,23 @@ def extract(
     index_dtype: npt.DTypeLike,
     t_chunk: int | None = None,
     row_offset: int = 0,
+    fused: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run the teacher once on ``ids`` (B, T) and return the cache arrays for those rows.
 
     ``row_offset`` is the dataset row of ``ids[0]`` (named in errors). ``topk == 0`` omits the
-    three ``topk/*`` arrays. Raises :class:`DatasetError` for ids outside the vocabulary and
-    :class:`TeacherError` when the teacher's logits are not (B, T, V) or not finite.
+    three ``topk/*`` arrays. ``fused`` (default) applies a :class:`FusedTeacher`'s LM head a
+    chunk of positions at a time instead of asking the model for (B, T, V) logits; teachers
+    without a linear head run unfused either way. Raises :class:`DatasetError` for ids outside
+    the vocabulary and :class:`TeacherError` when the teacher's logits are not (B, T, V) or not
+    finite.
     """
     idt = np.dtype(index_dtype)
     _check_args(teacher, topk, temperatures, idt)
     check_ids(ids, teacher.vocab_size, row_offset)
-    b, t = ids.shape
-    x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-    out = teacher.forward(x, list(layers))
-    v = teacher.vocab_size
-    if tuple(out.logits.shape) != (b, t, v):
-        raise TeacherError(
-            f"{teacher.description}: logits of shape {tuple(out.logits.shape)}, "
-            f"expected {(b, t, v)}"
-        )
-    result: dict[str, np.ndarray] = {}
-    if topk:
-        n = len(temperatures)
-        logprobs = np.empty((b, t, topk), dtype=np.float16)
-        indices = np.empty((b, t, topk), dtype=idt)
-        lse = np.empty((b, t, n), dtype=np.float32)
-        budget = CPU_CHUNK_BYTES if out.logits.device.type == "cpu" else CHUNK_BYTES
-        step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v, budget)
-        with torch.inference_mode():
-            for t0 in range(0, t, step):
-                t1 = min(t, t0 + step)
-                lp, ix, ls = _topk_chunk(out.logits[:, t0:t1].float(), topk, temperatures)
-                if not torch.isfinite(ls).all():
-                    r = int(torch.nonzero(~torch.isfinite(ls))[0, 0])
-                    raise TeacherError(
-                        f"{teacher.description}: non-finite logits at row {row_offset + r}"
-                    )
-                logprobs[:, t0:t1] = lp.to(torch.float16).cpu().numpy()
-                indices[:, t0:t1] = ix.cpu().numpy().astype(idt, copy=False)
-                lse[:, t0:t1] = ls.cpu().numpy()
-        result[ARRAY_LOGPROBS] = logprobs
-        result[ARRAY_INDICES] = indices
-        result[ARRAY_LOGSUMEXP] = lse
-    for layer in layers:
-        result[hidden_array(layer)] = hidden_to_numpy(out.hidden[layer], hidden_dtype)
-    return result
+    want = LogitOutputs(topk=topk, temperatures=tuple(float(t) for t in temperatures))
+    land = _launch(teacher, ids, want, layers, hidden_dtype, t_chunk, fused)
+    return _finish(land, teacher, idt, hidden_dtype, row_offset)
 
 
 def extract_batches(
@@ -179,29 +286,35 @@ def extract_batches(
     hidden_dtype: str,
     index_dtype: npt.DTypeLike,
     t_chunk: int | None = None,
+    fused: bool = True,
 ) -> dict[str, np.ndarray]:
     """:func:`extract` over ``ids`` (N, T) in batches of ``batch_size`` rows; same keys, N rows."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    idt = np.dtype(index_dtype)
+    _check_args(teacher, topk, temperatures, idt)
     check_ids(ids, teacher.vocab_size, row_offset)  # fail before any forward, not mid-shard
+    want = LogitOutputs(topk=topk, temperatures=tuple(float(t) for t in temperatures))
     n = ids.shape[0]
     result: dict[str, np.ndarray] = {}
+
+    def land(start: int, batch: _Landing) -> None:
+        part = _finish(batch, teacher, idt, hidden_dtype, row_offset + start)
+        if not result:
+            result.update({k: np.empty((n, *a.shape[1:]), dtype=a.dtype) for k, a in part.items()})
+        for k, a in part.items():
+            result[k][start : start + a.shape[0]] = a
+        log.debug("extracted rows %d..%d", row_offset + start, row_offset + start + len(a))
+
+    # Batch i+1 is queued before batch i's results are awaited: on a GPU its forward overlaps
+    # the copies of batch i to the host.
+    pending: tuple[int, _Landing] | None = None
     for start in range(0, n, batch_size):
         end = min(n, start + batch_size)
-        part = extract(
-            teacher,
-            ids[start:end],
-            topk=topk,
-            temperatures=temperatures,
-            layers=layers,
-            hidden_dtype=hidden_dtype,
-            index_dtype=index_dtype,
-            t_chunk=t_chunk,
-            row_offset=row_offset + start,
-        )
-        if not result:
-            result = {k: np.empty((n, *a.shape[1:]), dtype=a.dtype) for k, a in part.items()}
-        for k, a in part.items():
-            result[k][start:end] = a
-        log.debug("extracted rows %d..%d", row_offset + start, row_offset + end)
+        batch = _launch(teacher, ids[start:end], want, layers, hidden_dtype, t_chunk, fused)
+        if pending is not None:
+            land(*pending)
+        pending = (start, batch)
+    if pending is not None:
+        land(*pending)
     return result

@@ -41,7 +41,7 @@ from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import parse_spec
 from kdcache.core.writer import CacheWriter
 from kdcache.worker.runner import PreparedJob, ShardRunner, cache_url, prepare_job
-from kdcache.worker.teachers import Teacher, TeacherOutput
+from kdcache.worker.teachers import FeatureOutput, FusedTeacher, Teacher, TeacherOutput
 
 __all__ = ["Lease", "WorkerStats", "run_worker"]
 
@@ -207,11 +207,18 @@ class _GuardedTeacher:
         self.dtype = inner.dtype
         self.device = inner.device
         self.description = inner.description
+        self.head = inner.head if isinstance(inner, FusedTeacher) else None
 
     def forward(self, ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
         if self.should_stop():
             raise _ShardAbandoned
         return self.inner.forward(ids, layers)
+
+    def forward_features(self, ids: torch.Tensor, layers: Sequence[int]) -> FeatureOutput:
+        if self.should_stop():
+            raise _ShardAbandoned
+        assert isinstance(self.inner, FusedTeacher)  # self.head is None otherwise
+        return self.inner.forward_features(ids, layers)
 
 
 class _JobCache:

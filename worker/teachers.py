@@ -6,6 +6,10 @@ Two sources, one :class:`Teacher` protocol:
 - ``module``: ``"pkg.mod:callable"``, a zero-argument callable returning an ``nn.Module``,
   see :class:`ModuleTeacher` (an HF ``PreTrainedModel`` returned there is treated like ``hf``).
 
+A teacher whose LM head is a plain linear layer is also a :class:`FusedTeacher`: its ``head`` is
+not None and ``forward_features`` stops before the head, so extraction applies the head a chunk
+of positions at a time (:mod:`kdcache.worker.head`) and the (B, T, V) logits never exist.
+
 Hidden layers follow HF ``hidden_states`` indexing: 0 = the input of the first decoder block
 (embeddings, plus positions / scaling where the model adds them), i = the output of decoder block i,
 and ``num_layers`` = the input of the output embedding (after the final norm), which is what HF
@@ -26,8 +30,11 @@ import torch
 from torch import nn
 
 from kdcache.core.errors import TeacherError
+from kdcache.worker.head import LMHead, head_matches, hf_head, linear_head
 
 __all__ = [
+    "FeatureOutput",
+    "FusedTeacher",
     "HFTeacher",
     "ModuleTeacher",
     "Teacher",
@@ -54,6 +61,18 @@ class TeacherOutput:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class FeatureOutput:
+    """One teacher forward that stops before the LM head.
+
+    ``features``: (B, T, d), the input of the LM head (after the final norm), on the head's side.
+    ``hidden``: exactly the requested layers, each (B, T, d), HF ``hidden_states`` indexing.
+    """
+
+    features: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """A model the worker runs once per row: ids (B, T) -> logits and selected hidden states."""
@@ -69,6 +88,23 @@ class Teacher(Protocol):
     def forward(self, ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
         """Run ``ids`` (B, T) int64 on the teacher's device; capture ``layers`` only."""
         ...
+
+
+@runtime_checkable
+class FusedTeacher(Teacher, Protocol):
+    """A teacher that can stop before its linear LM head (``head`` None: it cannot, this time)."""
+
+    head: LMHead | None
+
+    def forward_features(self, ids: torch.Tensor, layers: Sequence[int]) -> FeatureOutput:
+        """Run ``ids`` (B, T) through the body only: the head's input + ``layers``."""
+        ...
+
+
+def _probe_ids(vocab_size: int, max_positions: int | None) -> torch.Tensor:
+    """(1, t) ids for checking a fused head against the model: varied, inside the vocabulary."""
+    t = min(8, max_positions or 8)
+    return (torch.arange(t, dtype=torch.long).unsqueeze(0) * 7919 + 1) % max(1, vocab_size)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -141,6 +177,30 @@ class HFTeacher:
         self.device: torch.device = param.device
         self.description = description
         self._blocks: nn.ModuleList | None = None  # found on first use: logits need no blocks
+        self.head: LMHead | None = self._fused_head()
+
+    def _fused_head(self) -> LMHead | None:
+        """The LM head to apply chunk-wise, if the model's own logits are exactly that head's."""
+        head = hf_head(self.model)
+        body = getattr(self.model, "base_model", self.model)
+        if head is None or body is self.model:
+            return None
+        probe = _probe_ids(self.vocab_size, self.max_positions).to(self.device)
+        ok = head_matches(
+            head,
+            lambda x: self._body(x),
+            lambda x: self.model(input_ids=x, use_cache=False).logits,
+            probe,
+            description=self.description,
+        )
+        return head if ok else None
+
+    def _body(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) -> the LM head's input (B, T, d): the base model's last hidden state."""
+        body: Any = getattr(self.model, "base_model", self.model)
+        out = body(input_ids=ids, use_cache=False)
+        h = getattr(out, "last_hidden_state", None)
+        return h if isinstance(h, torch.Tensor) else _first_tensor(out)
 
     def _decoder_blocks(self) -> nn.ModuleList:
         if self._blocks is None:
@@ -157,13 +217,20 @@ class HFTeacher:
                 else f"{self.description}: the number of layers is unknown, cannot tap {bad}"
             )
 
-    def _hooks(self, layers: Sequence[int], store: dict[int, torch.Tensor]) -> list[Any]:
-        """Register one hook per requested layer, writing (B, T, d) tensors into ``store``."""
+    def _hooks(
+        self, layers: Sequence[int], store: dict[int, torch.Tensor], *, head: bool = True
+    ) -> list[Any]:
+        """Register one hook per requested layer, writing (B, T, d) tensors into ``store``.
+
+        ``head=False``: the LM head will not run, so the top layer is left to the caller.
+        """
         top = self.num_layers
         if any(i != top for i in layers):
             self._decoder_blocks()  # raises before any hook is registered, so none leaks
         handles = []
         for i in sorted(set(layers)):
+            if i == top and not head:
+                continue
             if i == top:  # after the final norm: the input of lm_head
 
                 def pre_head(_m: nn.Module, args: tuple[Any, ...], i: int = i) -> None:
@@ -199,11 +266,30 @@ class HFTeacher:
                 h.remove()
         return TeacherOutput(logits=out.logits, hidden={i: store[i] for i in layers})
 
+    def forward_features(self, ids: torch.Tensor, layers: Sequence[int]) -> FeatureOutput:
+        """ids: (B, T) int64 -> the LM head's input (B, T, d) + hidden (B, T, d) each."""
+        self._check_layers(layers)
+        store: dict[int, torch.Tensor] = {}
+        handles = self._hooks(layers, store, head=False)
+        try:
+            with torch.inference_mode():
+                h = self._body(ids.to(self.device))
+        finally:
+            for hd in handles:
+                hd.remove()
+        top = self.num_layers
+        if top is not None and top in layers:
+            store[top] = h  # after the final norm: exactly the head's input
+        return FeatureOutput(features=h, hidden={i: store[i] for i in layers})
+
 
 class ModuleTeacher:
     """A plain ``nn.Module``: ids (B, T) -> logits (B, T, V), or (logits, hidden_states).
 
     ``hidden_states`` is a sequence in HF indexing (0 = embeddings ... L = after the final norm).
+    A module declares its head for the fused pass with two attributes: ``kdcache_head``, the
+    ``nn.Linear`` that makes its logits, and ``kdcache_features(ids)``, returning the head's input
+    (B, T, d), or (that, hidden_states). The declaration is checked once against ``forward``.
     """
 
     def __init__(self, module: nn.Module, *, description: str) -> None:
@@ -227,6 +313,37 @@ class ModuleTeacher:
             logits, _ = self._run(torch.zeros((1, 2), dtype=torch.long))
             vocab = int(logits.shape[-1])
         self.vocab_size: int = vocab
+        self.head: LMHead | None = self._declared_head()
+
+    def _declared_head(self) -> LMHead | None:
+        declared = getattr(self.module, "kdcache_head", None)
+        if declared is None or not callable(getattr(self.module, "kdcache_features", None)):
+            return None
+        head = linear_head(declared)
+        if head is None:
+            log.info("%s: kdcache_head is not a plain nn.Linear, running unfused", self.description)
+            return None
+        probe = _probe_ids(self.vocab_size, self.max_positions).to(self.device)
+        ok = head_matches(
+            head,
+            lambda x: self._features(x)[0],
+            lambda x: self._run(x)[0],
+            probe,
+            description=self.description,
+        )
+        return head if ok else None
+
+    def _features(self, ids: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None]:
+        with torch.inference_mode():
+            out = getattr(self.module, "kdcache_features")(ids.to(self.device))  # noqa: B009
+        if isinstance(out, torch.Tensor):
+            return out, None
+        if isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+            return out[0], out[1]
+        raise TeacherError(
+            f"{self.description}: kdcache_features must return features (B, T, d) or "
+            f"(features, hidden_states), got {type(out).__name__}"
+        )
 
     def _run(self, ids: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None]:
         with torch.inference_mode():
@@ -243,11 +360,11 @@ class ModuleTeacher:
             f"(logits, hidden_states), got {type(out).__name__}"
         )
 
-    def forward(self, ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
-        """ids: (B, T) int64 -> logits (B, T, V) + the requested hidden (B, T, d) layers."""
-        logits, hidden = self._run(ids)
+    def _pick(
+        self, hidden: Sequence[torch.Tensor] | None, layers: Sequence[int]
+    ) -> dict[int, torch.Tensor]:
         if not layers:
-            return TeacherOutput(logits=logits)
+            return {}
         if hidden is None:
             raise TeacherError(
                 f"{self.description}: the module returns no hidden states, "
@@ -258,7 +375,17 @@ class ModuleTeacher:
             raise TeacherError(
                 f"{self.description}: hidden layers {bad} out of range 0..{len(hidden) - 1}"
             )
-        return TeacherOutput(logits=logits, hidden={i: hidden[i] for i in layers})
+        return {i: hidden[i] for i in layers}
+
+    def forward(self, ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
+        """ids: (B, T) int64 -> logits (B, T, V) + the requested hidden (B, T, d) layers."""
+        logits, hidden = self._run(ids)
+        return TeacherOutput(logits=logits, hidden=self._pick(hidden, layers))
+
+    def forward_features(self, ids: torch.Tensor, layers: Sequence[int]) -> FeatureOutput:
+        """ids: (B, T) int64 -> ``kdcache_features`` (B, T, d) + the requested hidden layers."""
+        features, hidden = self._features(ids)
+        return FeatureOutput(features=features, hidden=self._pick(hidden, layers))
 
 
 def _load_hf(path: str, dtype: str, device: str) -> HFTeacher:
