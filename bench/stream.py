@@ -206,9 +206,10 @@ def main() -> None:
     fields = args.fields.split(",")
     probe = CacheDataset(url, fields=fields)
     m = probe.manifest
-    from kdcache.client._fields import arrays_for
+    from kdcache.client._fields import stored_arrays
+    from kdcache.client.cache import open_reader
 
-    arrays = list(arrays_for(probe.fields).values())
+    arrays = list(stored_arrays(probe.fields, open_reader(url).arrays).values())
     files = shard_files(url, arrays)
     stored = sum(f.stat().st_size for f in files)
     tokens = m.num_rows * m.seq_len

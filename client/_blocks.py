@@ -7,7 +7,7 @@ slice (which Zarr decodes concurrently); the rows are then picked out of the run
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +93,7 @@ class RowBlock:
 class BlockReader:
     """Reads blocks of rows of the selected fields for one process.
 
+    ``fields``: every field asked, those without an array (a default ``loss_mask``) included.
     ``locate`` maps a store key to a local file when shard objects are on local disk (a local
     cache, or remote objects in the disk cache); those arrays take the fast path of
     :mod:`kdcache.client._shardread`. Without it, or for another layout, rows come through zarr.
@@ -105,8 +106,10 @@ class BlockReader:
         seq_len: int | None,
         pool: ThreadPoolExecutor,
         locate: Callable[[str], str | None] | None = None,
+        fields: Sequence[str] = (),
     ) -> None:
         self.manifest = manifest
+        self.fields = list(fields) or list(arrays)
         self.arrays = dict(arrays)
         self.seq_len = seq_len
         self.pool = pool
@@ -143,7 +146,8 @@ class BlockReader:
             data[field] = read_rows(self.arrays[field], uniq, self.seq_len)
         for fut in done:
             fut.result()
-        tensors = to_tensors(self.manifest, uniq, {f: data[f] for f in self.arrays})
+        data = {f: data[f] for f in self.arrays}
+        tensors = to_tensors(self.manifest, uniq, data, self.fields, self.seq_len)
         nbytes = sum(
             t.numel() * t.element_size() for k, t in tensors.items() if k != "temperatures"
         )

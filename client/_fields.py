@@ -2,13 +2,18 @@
 
 Sample/batch keys: ``row``, ``input_ids`` (T) int64, ``topk_logprobs`` (T, k) float32,
 ``topk_indices`` (T, k) int64, ``topk_logsumexp`` (T, n_temps) float32, ``temperatures``
-(n_temps,) float32 (with any topk key, so a loss can pick a cached normaliser), and
-``hidden_<layer>`` (T, d) in the stored dtype (bfloat16 is an exact view of the stored bits).
+(n_temps,) float32 (with any topk key, so a loss can pick a cached normaliser), ``loss_mask`` (T)
+bool (with ``topk``, so losses train only the positions the cache marks), and ``hidden_<layer>``
+(T, d) in the stored dtype (bfloat16 is an exact view of the stored bits).
+
+``loss_mask[j]`` is true when position j's prediction of token j+1 is trained. A cache written
+before the ``loss_mask`` array existed reads as true everywhere but the last position of a row
+(:func:`default_loss_mask`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -18,35 +23,46 @@ from kdcache.core.format import (
     ARRAY_INPUT_IDS,
     ARRAY_LOGPROBS,
     ARRAY_LOGSUMEXP,
+    ARRAY_LOSS_MASK,
     Manifest,
     hidden_array,
 )
 
-__all__ = ["arrays_for", "expand_fields", "to_tensors"]
+__all__ = [
+    "LOSS_MASK",
+    "arrays_for",
+    "default_loss_mask",
+    "expand_fields",
+    "stored_arrays",
+    "to_tensors",
+]
 
 TOPK_KEYS = {
     "topk_logprobs": ARRAY_LOGPROBS,
     "topk_indices": ARRAY_INDICES,
     "topk_logsumexp": ARRAY_LOGSUMEXP,
 }
+LOSS_MASK = "loss_mask"
 
 
 def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]:
-    """Normalise field names: ``"topk"`` -> its three keys, ``"hidden"`` -> every layer.
+    """Normalise field names: ``"topk"`` -> its three keys and ``loss_mask``, ``"hidden"`` ->
+    every layer.
 
-    ``None`` means everything the cache holds. Unknown names raise ValueError naming the
-    fields the cache has.
+    ``None`` means everything the cache holds (``loss_mask`` included, stored or default).
+    Unknown names raise ValueError naming the fields the cache has.
     """
     available = ["input_ids"]
     if manifest.topk:
         available += list(TOPK_KEYS)
+    available.append(LOSS_MASK)
     available += [f"hidden_{layer}" for layer in manifest.hidden_layers]
     if fields is None:
         return available
     out: list[str] = []
     for f in [fields] if isinstance(fields, str) else fields:
         if f == "topk" and manifest.topk:
-            names = list(TOPK_KEYS)
+            names = [*TOPK_KEYS, LOSS_MASK]
         elif f == "hidden":
             names = [f"hidden_{layer}" for layer in manifest.hidden_layers]
         elif f in available:
@@ -61,11 +77,14 @@ def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]
 
 
 def arrays_for(fields: Iterable[str]) -> dict[str, str]:
-    """Field key -> cache array name."""
+    """Field key -> cache array name (``loss_mask`` maps to its array even where a cache lacks
+    it; see :func:`stored_arrays`)."""
     out = {}
     for f in fields:
         if f == "input_ids":
             out[f] = ARRAY_INPUT_IDS
+        elif f == LOSS_MASK:
+            out[f] = ARRAY_LOSS_MASK
         elif f in TOPK_KEYS:
             out[f] = TOPK_KEYS[f]
         elif f.startswith("hidden_"):
@@ -73,11 +92,27 @@ def arrays_for(fields: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def stored_arrays(fields: Iterable[str], present: Container[str]) -> dict[str, str]:
+    """Field key -> array name for the fields whose array the cache holds (``present``); the
+    others (a ``loss_mask`` of an older cache) are made by :func:`to_tensors`."""
+    return {f: name for f, name in arrays_for(fields).items() if name in present}
+
+
+def default_loss_mask(n: int, stored_len: int, seq_len: int | None = None) -> np.ndarray:
+    """(n, T) bool, the mask of a cache without ``loss_mask``: true but at the stored row's last
+    position; T = ``seq_len`` when rows are cropped (the crop then keeps only true positions)."""
+    mask = np.ones((n, stored_len), dtype=bool)
+    mask[:, -1] = False
+    return mask if seq_len is None else mask[:, :seq_len]
+
+
 def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
     if field in ("input_ids", "topk_indices"):
         return torch.from_numpy(data.astype(np.int64, copy=False))
     if field in ("topk_logprobs", "topk_logsumexp"):
         return torch.from_numpy(data.astype(np.float32, copy=False))
+    if field == LOSS_MASK:
+        return torch.from_numpy(data.astype(np.bool_, copy=False))
     t = torch.from_numpy(np.ascontiguousarray(data))
     if manifest.hidden_dtype == "bfloat16":
         return t.view(torch.int16).view(torch.bfloat16)
@@ -85,12 +120,23 @@ def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
 
 
 def to_tensors(
-    manifest: Manifest, rows: np.ndarray, data: Mapping[str, np.ndarray]
+    manifest: Manifest,
+    rows: np.ndarray,
+    data: Mapping[str, np.ndarray],
+    fields: Iterable[str] = (),
+    seq_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Field key -> tensor for a block of rows (leading dimension = len(rows))."""
+    """Field key -> tensor for a block of rows (leading dimension = len(rows)).
+
+    ``fields`` asked but absent from ``data`` (only ``loss_mask`` can be) get their default,
+    cropped to ``seq_len``.
+    """
     out = {"row": torch.from_numpy(np.asarray(rows, dtype=np.int64))}
     for field, arr in data.items():
         out[field] = _tensor(field, arr, manifest)
+    if LOSS_MASK in fields and LOSS_MASK not in data:
+        mask = default_loss_mask(len(rows), manifest.seq_len, seq_len)
+        out[LOSS_MASK] = torch.from_numpy(mask)
     if any(f in data for f in TOPK_KEYS):
         temps = torch.tensor(manifest.temperatures, dtype=torch.float32)
         out["temperatures"] = temps.expand(len(rows), -1) if len(rows) else temps[None][:0]

@@ -15,14 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.client._fields import arrays_for, expand_fields, to_tensors
+from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
 from kdcache.core.errors import CacheNotFoundError
-from kdcache.core.format import Manifest
+from kdcache.core.format import ARRAY_LOSS_MASK, Manifest
 from kdcache.core.reader import CacheReader
 from kdcache.core.shards import ShardRecord
 from kdcache.core.storage import FsspecStorage, Storage, open_storage
 
 __all__ = ["TeacherCache", "open_reader"]
+
+# arrays a cache may hold beyond its manifest's (written by newer kdcache; older caches lack them)
+_OPTIONAL_ARRAYS = (ARRAY_LOSS_MASK,)
 
 _SERVICE_CACHE = re.compile(r"^(https?://.+?)/v1/caches/([0-9a-fA-F]+)/?$")
 
@@ -40,6 +43,18 @@ def _service_completed(
     return {int(r["shard"]): ShardRecord.from_dict(r) for r in body.get("completed", [])}
 
 
+def _attach_optional(reader: CacheReader) -> CacheReader:
+    """Let ``reader`` read the optional arrays its cache has."""
+    for name in _OPTIONAL_ARRAYS:
+        if name in reader.arrays:
+            continue
+        try:
+            reader.arrays[name] = reader.group[name]  # type: ignore[assignment]
+        except KeyError:
+            pass
+    return reader
+
+
 def open_reader(
     source: str | os.PathLike[str],
     *,
@@ -55,18 +70,19 @@ def open_reader(
     wrap = wrap_storage or (lambda s: s)
     m = _SERVICE_CACHE.match(src)
     if m is None:
-        return CacheReader(src, storage=wrap(open_storage(src, storage_options)))
+        return _attach_optional(CacheReader(src, storage=wrap(open_storage(src, storage_options))))
     base, cache_id = m.group(1), m.group(2)
     token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     opts = dict(storage_options or {})
     opts.setdefault("client_kwargs", {}).setdefault("headers", {}).update(headers)
     storage = FsspecStorage(f"{base}/v1/caches/{cache_id}/store", opts)
-    return CacheReader(
+    reader = CacheReader(
         storage.url,
         storage=wrap(storage),
         completed=lambda: _service_completed(base, cache_id, headers),
     )
+    return _attach_optional(reader)
 
 
 class TeacherCache:
@@ -105,17 +121,20 @@ class TeacherCache:
     def read(
         self, fields: Iterable[str] | None, rows: Sequence[int] | np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Raw numpy arrays (stored dtypes) for ``rows``, keyed by field."""
+        """Raw numpy arrays (stored dtypes) for ``rows``, keyed by field (a ``loss_mask`` only
+        where the cache stores one)."""
         keys = expand_fields(self.manifest, fields)
         idx = np.asarray(rows, dtype=np.int64)
-        return {f: self.reader.read(name, idx) for f, name in arrays_for(keys).items()}
+        names = stored_arrays(keys, self.reader.arrays)
+        return {f: self.reader.read(name, idx) for f, name in names.items()}
 
     def batch(
         self, rows: Sequence[int] | np.ndarray, fields: Iterable[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """Tensors for ``rows`` with a leading batch dimension: keys as in the module docs."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        return to_tensors(self.manifest, idx, self.read(fields, idx))
+        keys = expand_fields(self.manifest, fields)
+        return to_tensors(self.manifest, idx, self.read(keys, idx), keys)
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         """One row without the batch dimension."""

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kdcache.client._blocks import BlockReader, RowBlock
 from kdcache.client._diskcache import DiskCache
-from kdcache.client._fields import arrays_for, expand_fields
+from kdcache.client._fields import expand_fields, stored_arrays
 from kdcache.client._loader import CacheLoader
 from kdcache.client._order import EpochOrder, PassPlan, Policy
 from kdcache.client._prefetch import Prefetcher
@@ -109,7 +109,8 @@ class CacheDataset(IterableDataset[Sample]):
     ``hidden`` = every layer); None for everything. A sample is ``{"row": () int64,
     "input_ids": (T,) int64, "topk_logprobs": (T, k) float32, "topk_indices": (T, k) int64,
     "topk_logsumexp": (T, n_temps) float32, "temperatures": (n_temps,) float32,
-    "hidden_<l>": (T, d) stored dtype}`` for the fields asked; T is ``seq_len`` when cropping.
+    "loss_mask": (T,) bool, "hidden_<l>": (T, d) stored dtype}`` for the fields asked
+    (``loss_mask`` comes with ``topk``); T is ``seq_len`` when cropping.
     rank, world_size: from torch.distributed when initialised, else 0 and 1, unless given.
     batch_size: rows per rank per step (the DataLoader's batch size). Steps then follow the global
     order exactly, and resume works across world sizes at step boundaries; None deals single rows.
@@ -186,6 +187,9 @@ class CacheDataset(IterableDataset[Sample]):
         self.epoch, self._start, self._consumed = 0, 0, 0
         if self.policy == "none" and self.world_size > 1:
             log.warning("pad=False and drop_last=False: ranks may yield unequal numbers of rows")
+        self._log_plan()
+
+    def _log_plan(self) -> None:
         plan = self._plan()
         if plan.padded or plan.dropped:
             log.info(
@@ -196,6 +200,25 @@ class CacheDataset(IterableDataset[Sample]):
                 plan.length // self.world_size,
                 self.global_batch,
             )
+
+    def set_partition(self, rank: int, world_size: int, batch_size: int | None = None) -> None:
+        """Deal rows to ``rank`` of ``world_size`` in units of ``batch_size`` (None: keep).
+
+        For a trainer that learns the layout after the dataset was built (before the process
+        group existed, say). A position inside the current pass is kept: it is carried over to
+        the new layout as :meth:`load_state_dict` would.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        saved = self.state_dict() if (self._start or self._consumed) else None
+        self.rank, self.world_size = int(rank), int(world_size)
+        if batch_size is not None:
+            self.batch_size = int(batch_size)
+        if saved is not None:
+            self.load_state_dict(saved)
+        self._log_plan()
 
     # ---- opening, once per process -------------------------------------------------------
     def _open_reader(self, cache_id: str | None) -> CacheReader:
@@ -224,7 +247,8 @@ class CacheDataset(IterableDataset[Sample]):
         if self._opened is not None and self._opened.pid == os.getpid():
             return self._opened
         reader = self._open_reader(self.manifest.cache_id)
-        arrays = {f: reader.arrays[name] for f, name in arrays_for(self.fields).items()}
+        names = stored_arrays(self.fields, reader.arrays)
+        arrays = {f: reader.arrays[name] for f, name in names.items()}
         remote = reader.storage if isinstance(reader.storage, RemoteStorage) else None
         locate: Callable[[str], str | None] | None = None
         if remote is None and isinstance(reader.storage, LocalStorage):
@@ -232,7 +256,7 @@ class CacheDataset(IterableDataset[Sample]):
         elif remote is not None and remote.cache is not None:
             locate = _cache_locator(remote.cache)
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
-        blocks = BlockReader(self.manifest, arrays, self.seq_len, pool, locate)
+        blocks = BlockReader(self.manifest, arrays, self.seq_len, pool, locate, self.fields)
         self._opened = _Opened(os.getpid(), reader, blocks, remote)
         return self._opened
 

@@ -89,6 +89,14 @@ def _get(batch: Mapping[str, Any], key: str) -> Any:
         raise KeyError(f"batch has no {key!r}; its keys are {sorted(batch)}") from None
 
 
+def _default_mask(batch: Mapping[str, Any], mask: Tensor | None) -> Tensor | None:
+    """An explicit mask wins; else the batch's ``loss_mask`` (B, T), if it has one."""
+    if mask is not None:
+        return mask
+    found = batch.get("loss_mask")
+    return None if found is None else torch.as_tensor(found)
+
+
 def _cached_temperatures(batch: Mapping[str, Any], n_temps: int) -> tuple[float, ...]:
     """The temperatures of the last axis of ``topk_logsumexp``, from ``batch["temperatures"]``.
 
@@ -216,7 +224,8 @@ def kd_loss(
     batch: ``topk_logprobs`` (B, T, k) float, ``topk_indices`` (B, T, k) int,
     ``topk_logsumexp`` (B, T, n_temps) float and ``temperatures`` (see the module docstring;
     the last two are not needed for ``tail="renormalize"``).
-    mask: (B, T) bool, positions to average over; None for all B * T.
+    mask: (B, T) bool, positions to average over; None for the batch's ``loss_mask`` (what a
+    cache marks trained), or all B * T when the batch has none.
     Returns ``temperature**2 * divergence(teacher_t, student_t)`` averaged over positions.
 
     Raises TemperatureNotCachedError (a ValueError) for an uncached temperature with
@@ -226,6 +235,7 @@ def kd_loss(
     require_choice(tail, TAILS, "tail")
     t = _check_temperature(temperature)
     logprobs, indices = _topk_inputs(student_logits, batch)
+    mask = _default_mask(batch, mask)
     dtype = _compute_dtype(student_logits)
     scaled = student_logits.to(dtype) / t
     student_topk = scaled.gather(-1, indices)
@@ -337,11 +347,14 @@ def hidden_losses(
 
     student_hidden_states: the HF-style tuple of (B, T, d_s) tensors (index 0 = embeddings,
     i = after student block i). batch: holds ``hidden_<teacher layer>`` (B, T, d_t) for each pair.
-    projector: indexable by student layer (e.g. HiddenProjector), or None. Returns a scalar.
+    projector: indexable by student layer (e.g. HiddenProjector), or None.
+    mask: (B, T) bool; None for the batch's ``loss_mask``, or all positions without one.
+    Returns a scalar.
     """
     require_choice(kind, HIDDEN_KINDS, "kind")
     if not layer_map.pairs:
         raise ValueError("layer_map has no (student, teacher) pairs")
+    mask = _default_mask(batch, mask)
     terms = []
     for s, t in layer_map.pairs:
         if s >= len(student_hidden_states):

@@ -16,7 +16,7 @@ from kdcache.client.cache import TeacherCache
 from kdcache.client.dataset import CacheDataset
 from kdcache.core.errors import ManifestMismatchError, ShardIncompleteError
 
-TOPK_KEYS = {"topk_logprobs", "topk_indices", "topk_logsumexp", "temperatures"}
+TOPK_KEYS = {"topk_logprobs", "topk_indices", "topk_logsumexp", "temperatures", "loss_mask"}
 
 
 def test_samples_equal_the_cache_rows(cache_dir37: str) -> None:
@@ -53,7 +53,14 @@ def test_crop_to_shorter_sequence(cache_dir37: str) -> None:
     assert len(cropped) == 37
     for s in cropped:
         ref = full[int(s["row"])]
-        for key in ("input_ids", "topk_logprobs", "topk_indices", "topk_logsumexp", "hidden_1"):
+        for key in (
+            "input_ids",
+            "topk_logprobs",
+            "topk_indices",
+            "topk_logsumexp",
+            "hidden_1",
+            "loss_mask",
+        ):
             assert s[key].shape[0] == 5 and torch.equal(s[key], ref[key][:5]), key
     with pytest.raises(ValueError, match="seq_len"):
         CacheDataset(cache_dir37, seq_len=SEQ_LEN + 1)

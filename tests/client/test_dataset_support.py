@@ -109,3 +109,27 @@ class CacheFactory:
             self.made[(n_rows, rows_per_shard)] = url
             self.specs[url], self.roots[url] = spec, base / "root"
         return self.made[(n_rows, rows_per_shard)]
+
+
+def copy_with_loss_mask(cache: str, dest: Path, mask: np.ndarray) -> str:
+    """A copy of ``cache`` at ``dest`` holding ``mask`` (N, T) bool as its ``loss_mask`` array,
+    chunked and sharded like its ``input_ids`` (as a writer that stores masks lays it out)."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(cache, dest)
+    group = zarr.open_group(str(dest), mode="r+")
+    ids = group["input_ids"]
+    assert isinstance(ids, zarr.Array) and mask.shape == ids.shape
+    arr = group.create_array(
+        "loss_mask",
+        shape=ids.shape,
+        dtype="bool",
+        chunks=ids.chunks,
+        shards=ids.shards,
+        compressors=ids.compressors,
+        fill_value=False,
+    )
+    arr[...] = mask
+    return str(dest)
