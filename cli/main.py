@@ -17,9 +17,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from kdcache.core.resolve import load_job
-    from kdcache.worker.runner import prepare_job, run_job
+    from kdcache.worker.runner import completed_cache, prepare_job, run_job
 
     plan = load_job(args.job)
+    done = completed_cache(plan, args.root)
+    if done is not None:  # nothing to compute: do not load the teacher at all
+        logging.getLogger("kdcache").info("cache %s is complete", plan.cache_id)
+        print(done)
+        return EXIT_OK
     job = prepare_job(plan.spec, plan=plan)
     url = run_job(plan.spec, args.root, job=job)
     print(url)

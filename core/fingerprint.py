@@ -14,11 +14,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kdcache.core._fpcache import cached_hash
+
 __all__ = [
     "cache_id",
     "canonical_json",
     "dataset_fingerprint",
     "hash_file",
+    "sha256_file",
     "teacher_fingerprint",
     "tokenizer_fingerprint",
 ]
@@ -43,6 +46,12 @@ def canonical_json(obj: Any) -> str:
 
 
 def hash_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; remembered per file version (size, mtime, inode...) so that
+    a file is read once per host, not on every run (see :mod:`kdcache.core._fpcache`)."""
+    return cached_hash(path, sha256_file)
+
+
+def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file's bytes, read in blocks (weight files can be tens of GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

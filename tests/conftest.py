@@ -7,6 +7,7 @@ byte-level BPE of vocab 320 with EOS=0, PAD=1, BOS=2, so its ids are valid teach
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,12 @@ import pytest
 from kdcache.worker import toy
 
 TINY_VOCAB = 320
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fingerprint_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Remembered file hashes go to this session's folder, never the user's ~/.cache."""
+    os.environ["KDCACHE_FINGERPRINT_CACHE"] = str(tmp_path_factory.mktemp("fingerprints"))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,15 @@ from kdcache.worker.extract import extract_batches
 from kdcache.worker.progress import Progress
 from kdcache.worker.teachers import Teacher, load_teacher
 
-__all__ = ["PreparedJob", "ShardRunner", "build_manifest", "cache_url", "prepare_job", "run_job"]
+__all__ = [
+    "PreparedJob",
+    "ShardRunner",
+    "build_manifest",
+    "cache_url",
+    "completed_cache",
+    "prepare_job",
+    "run_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +193,26 @@ def open_writer(
             "_kdcache/job.json", json.dumps(job.plan.spec.model_dump(), indent=1).encode()
         )
     return writer
+
+
+def completed_cache(
+    plan: JobPlan, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """The URL of ``plan``'s cache under ``root`` when every shard of it is complete, else None.
+
+    Needs only the plan (fingerprints come from remembered hashes), so rerunning a finished
+    job neither loads the teacher nor reads its weights.
+    """
+    from kdcache.core.errors import KDCacheError
+    from kdcache.core.reader import CacheReader
+
+    url = cache_url(root, plan.cache_id)
+    try:
+        reader = CacheReader(url, storage_options=storage_options)
+        done = reader.manifest.cache_id == plan.cache_id and reader.is_complete
+    except (KDCacheError, OSError, ValueError):
+        return None
+    return reader.url if done else None
 
 
 def run_job(
