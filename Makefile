@@ -64,3 +64,10 @@ clean:
 .PHONY: test-compose
 test-compose: $(STAMP)
 	PY=$(abspath $(PY)) bash scripts/test_compose.sh
+
+# `kdcache slurm` on a real one-node Slurm cluster (munge, slurmctld, slurmd started here): an
+# array of two workers, one cancelled mid-job, the cache compared with an embedded run. Needs
+# root; installs munge, slurmctld, slurmd and slurm-client with apt-get if missing.
+.PHONY: test-slurm
+test-slurm: $(STAMP)
+	PY=$(abspath $(PY)) bash scripts/test_slurm.sh

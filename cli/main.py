@@ -116,6 +116,9 @@ def _add_service_commands(sub: argparse._SubParsersAction) -> None:
     except ImportError:
         return
     add_commands(sub)
+    from kdcache.cli.slurm_commands import add_commands as add_slurm
+
+    add_slurm(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,116 @@
+"""``kdcache slurm`` on a real one-node Slurm cluster (slurmctld, slurmd, munge).
+
+``make test-slurm`` (scripts/test_slurm.sh) installs and starts the cluster, points
+``KDCACHE_TEST_SLURM_CONF`` at its slurm.conf and runs this module; elsewhere it is skipped.
+A job of the slow teacher runs on an array of two CPU workers; one array task is cancelled with
+``scancel`` while it holds a shard; the job still finishes, and the cache equals the embedded
+run byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fleet_helpers import Fleet, assert_same_cache, embedded_cache, slow_spec, wait_for
+
+from kdcache.core.reader import CacheReader
+from kdcache.worker import toy
+
+SLURM_CONF = os.environ.get("KDCACHE_TEST_SLURM_CONF", "")
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not SLURM_CONF, reason="needs the cluster of `make test-slurm`"),
+]
+
+
+def _slurm(*cmd: str) -> str:
+    env = {**os.environ, "SLURM_CONF": SLURM_CONF}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"{' '.join(cmd)}: {res.stderr}"
+    return res.stdout
+
+
+def _tasks(array_id: str) -> dict[str, str]:
+    """Array task id -> state, for the tasks Slurm still knows about (pending/running)."""
+    out = _slurm("squeue", "-h", "-r", "-j", array_id, "-o", "%K %T")
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _log(log_dir: Path, array_id: str, task: int) -> str:
+    path = log_dir / f"kdcache-worker-{array_id}_{task}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_array_of_workers_survives_scancel(
+    fleet_factory: Callable[..., Fleet], tmp_path: Path
+) -> None:
+    fleet = fleet_factory(sleep=0.5)
+    fleet.env["SLURM_CONF"] = SLURM_CONF
+    tokens = toy.make_tokens(tmp_path / "tokens.npy", 24, 8, 64, seed=3)
+    spec = slow_spec(tokens, rows_per_shard=2)  # 12 shards of 2 rows, 0.5 s a row
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec))
+    log_dir = tmp_path / "slurm-logs"
+
+    res = fleet.cli(
+        "slurm", str(job_file), "--server", fleet.url, "--gpus", "2", "--cpu",
+        "--cpus-per-task", "1", "--max-idle", "5", "--log-dir", str(log_dir),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    job_id = res.stdout.split("job ", 1)[1].split()[0]
+    array_id = re.search(r"submitted Slurm array (\d+): 2 CPU workers", res.stdout)
+    assert array_id, res.stdout
+    array = array_id.group(1)
+
+    def logs() -> str:
+        return "\n".join(f"--- task {t}\n{_log(log_dir, array, t)[-3000:]}" for t in (0, 1))
+
+    def task1_holds_a_shard() -> bool:
+        text = _log(log_dir, array, 1)
+        return text.count("leased shard") > text.count("completed shard")
+
+    # Cancel task 1 while it computes a shard, with shards left for task 0.
+    wait_for(
+        task1_holds_a_shard,
+        180,
+        "array task 1 to hold a shard",
+        lambda: logs() + fleet.all_logs(),
+    )
+    assert fleet.job(job_id)["shards_done"] < 12
+    _slurm("scancel", f"{array}_1")
+
+    job = fleet.wait_job(job_id, timeout=240)
+    wait_for(lambda: not _tasks(array), 120, "the array to end", logs)
+
+    cancelled = _log(log_dir, array, 1)
+    # exec + Slurm's SIGTERM reached the worker, which handed its shard back
+    assert "SIGTERM: releasing the current shard" in cancelled, logs()
+    released = r"worker done \(stopped\): \d+ shards completed, 0 failed, 0 abandoned, 1 released"
+    assert re.search(released, cancelled), logs()
+    assert "CANCELLED" in cancelled, logs()
+    assert re.search(r"worker done \(idle\): \d+ shards completed", _log(log_dir, array, 0)), logs()
+    assert job["shards_done"] == 12 and job["rows_done"] == 24
+
+    # the same spec again: the job is found done, and no more workers are submitted
+    again = fleet.cli("slurm", str(job_file), "--server", fleet.url, "--gpus", "2", "--cpu")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"job {job_id} is done: no workers submitted" in again.stdout
+    assert _slurm("squeue", "-h").strip() == ""
+
+    got = str(fleet.root / "caches" / job["cache_id"])
+    want = embedded_cache(spec, tmp_path / "embedded")
+    assert_same_cache(got, want)
+    a, b = CacheReader(got), CacheReader(want)
+    for array_spec in a.manifest.arrays():
+        x = np.ascontiguousarray(a.read(array_spec.name, slice(None)))
+        y = np.ascontiguousarray(b.read(array_spec.name, slice(None)))
+        assert x.tobytes() == y.tobytes(), array_spec.name
