@@ -21,13 +21,13 @@ from types import FrameType
 from typing import Any
 
 from kdcache.core.errors import ServiceError
+from kdcache.core.wire import JOB_STATES
 
 __all__ = ["add_commands"]
 
 log = logging.getLogger("kdcache.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-_TERMINAL = ("done", "failed", "cancelled")
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -150,6 +150,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         once=args.once,
         stop_event=stop,
         abort_event=abort,
+        retry_for=args.retry_for,
     )
     print(
         f"worker done ({stats.exit_reason}): {stats.completed} shards completed, "
@@ -284,6 +285,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     worker.add_argument("--poll-interval", type=float, default=2.0, help="idle poll (s)")
     worker.add_argument("--once", action="store_true", help="run at most one shard, then exit")
     worker.add_argument(
+        "--retry-for",
+        type=float,
+        help="give up after S seconds without the service (default: wait for it forever)",
+    )
+    worker.add_argument(
         "--release-on-term",
         action="store_true",
         help="on SIGTERM give the current shard back at once instead of finishing it",
@@ -300,5 +306,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     jobs = sub.add_parser("jobs", help="list the service's jobs")
     _client_flags(jobs)
-    jobs.add_argument("--status", choices=("pending", "running", "done", "failed", "cancelled"))
+    jobs.add_argument("--status", choices=JOB_STATES)
     jobs.set_defaults(func=_cmd_jobs)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -24,14 +23,15 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from kdcache.client._diskcache import DiskCache
-from kdcache.core.errors import KDCacheError
+from kdcache.core.layout import shard_key
+from kdcache.core.retry import RetryPolicy
 from kdcache.core.storage import Storage
 
 __all__ = [
     "DiskCachedStore",
     "RemoteStorage",
     "download_objects",
-    "is_transient",
+    "policy",
     "retry_call",
     "shard_object_keys",
 ]
@@ -40,65 +40,16 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_PERMANENT = (FileNotFoundError, PermissionError, KDCacheError, KeyError, TypeError, ValueError)
 
-
-def is_transient(err: BaseException) -> bool:
-    """Whether a failed read is worth retrying (connection errors, 5xx, 408, 429, timeouts)."""
-    if isinstance(err, _PERMANENT) or not isinstance(err, Exception):
-        return False
-    response = getattr(err, "response", None)  # httpx.HTTPStatusError keeps it there
-    status = (
-        getattr(err, "status", None)
-        or getattr(err, "status_code", None)
-        or getattr(response, "status_code", None)
-    )
-    if isinstance(status, int) and 400 <= status < 500:
-        return status in (408, 429)
-    return True
-
-
-def _delay(attempt: int, backoff: float) -> float:
-    return float(backoff * (2**attempt))
+def policy(retries: int, backoff: float) -> RetryPolicy:
+    """The core retry policy with ``retries`` retries after the first try, backoff doubling from
+    ``backoff`` seconds."""
+    return RetryPolicy(seconds=None, attempts=retries + 1, initial=backoff, max_delay=10.0)
 
 
 def retry_call(fn: Callable[[], T], retries: int, backoff: float, what: str) -> T:
     """``fn()``, retried up to ``retries`` times on transient errors with exponential backoff."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as err:
-            if attempt == retries or not is_transient(err):
-                raise
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d",
-                what,
-                type(err).__name__,
-                err,
-                attempt + 1,
-                retries,
-            )
-            time.sleep(_delay(attempt, backoff))
-    raise AssertionError("unreachable")
-
-
-async def _aretry(fn: Callable[[], Awaitable[T]], retries: int, backoff: float, what: str) -> T:
-    for attempt in range(retries + 1):
-        try:
-            return await fn()
-        except Exception as err:
-            if attempt == retries or not is_transient(err):
-                raise
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d",
-                what,
-                type(err).__name__,
-                err,
-                attempt + 1,
-                retries,
-            )
-            await asyncio.sleep(_delay(attempt, backoff))
-    raise AssertionError("unreachable")
+    return policy(retries, backoff).call(fn, what)
 
 
 def _read_range(path: os.PathLike[str], byte_range: ByteRequest | None) -> bytes:
@@ -141,11 +92,8 @@ class DiskCachedStore(WrapperStore[Any]):
                 return prototype.buffer.from_bytes(data)
             except FileNotFoundError:  # evicted between lookup and open: read it remotely
                 pass
-        return await _aretry(
-            lambda: self._store.get(key, prototype, byte_range),
-            self.retries,
-            self.backoff,
-            f"read {key}",
+        return await policy(self.retries, self.backoff).acall(
+            lambda: self._store.get(key, prototype, byte_range), f"read {key}"
         )
 
     async def get_partial_values(
@@ -203,8 +151,7 @@ def shard_object_keys(arrays: Sequence[zarr.Array], shards: Iterable[int]) -> li
     out = []
     for shard in shards:
         for arr in arrays:
-            coords = (shard,) + (0,) * (arr.ndim - 1)
-            out.append(f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}")
+            out.append(shard_key(arr.path, shard, arr.ndim))
     return out
 
 

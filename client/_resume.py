@@ -19,17 +19,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from kdcache.core.errors import KDCacheError
+from kdcache.core.errors import ResumeError
 
 __all__ = ["STATE_VERSION", "DatasetState", "ResumeError", "resume_point"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-class ResumeError(KDCacheError, ValueError):
-    """A saved dataset state cannot continue the same global order in this run."""
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
-from kdcache.core.errors import CacheNotFoundError
+from kdcache.client._remote import RemoteStorage
+from kdcache.core.errors import CacheNotFoundError, NotFound
 from kdcache.core.format import ARRAY_LOSS_MASK, Manifest
 from kdcache.core.reader import CacheReader
+from kdcache.core.rest import ServiceLink
 from kdcache.core.shards import ShardRecord
-from kdcache.core.storage import FsspecStorage, Storage, open_storage
+from kdcache.core.storage import FsspecStorage, Storage, is_remote, open_storage
 
 __all__ = ["TeacherCache", "open_reader"]
 
@@ -30,16 +32,12 @@ _OPTIONAL_ARRAYS = (ARRAY_LOSS_MASK,)
 _SERVICE_CACHE = re.compile(r"^(https?://.+?)/v1/caches/([0-9a-fA-F]+)/?$")
 
 
-def _service_completed(
-    base: str, cache_id: str, headers: Mapping[str, str]
-) -> Mapping[int, ShardRecord]:
-    import httpx
-
-    resp = httpx.get(f"{base}/v1/caches/{cache_id}", headers=dict(headers), timeout=30.0)
-    if resp.status_code == 404:
-        raise CacheNotFoundError(f"the service at {base} has no cache {cache_id}")
-    resp.raise_for_status()
-    body = resp.json()
+def _service_completed(base: str, cache_id: str, token: str | None) -> Mapping[int, ShardRecord]:
+    try:
+        with ServiceLink(base, token) as link:
+            body = link.get(f"/v1/caches/{cache_id}").json()
+    except NotFound:
+        raise CacheNotFoundError(f"the service at {base} has no cache {cache_id}") from None
     return {int(r["shard"]): ShardRecord.from_dict(r) for r in body.get("completed", [])}
 
 
@@ -64,10 +62,11 @@ def open_reader(
 ) -> CacheReader:
     """A core :class:`CacheReader` for a local path, ``s3://`` URL or service cache URL.
 
-    ``wrap_storage`` wraps the cache's storage before it is read (retries, a disk cache).
+    ``wrap_storage`` wraps the cache's storage before it is read (a disk cache); by default a
+    remote cache's reads are retried under the core retry policy.
     """
     src = str(source)
-    wrap = wrap_storage or (lambda s: s)
+    wrap = wrap_storage or (RemoteStorage if is_remote(src) else (lambda s: s))
     m = _SERVICE_CACHE.match(src)
     if m is None:
         return _attach_optional(CacheReader(src, storage=wrap(open_storage(src, storage_options))))
@@ -80,7 +79,7 @@ def open_reader(
     reader = CacheReader(
         storage.url,
         storage=wrap(storage),
-        completed=lambda: _service_completed(base, cache_id, headers),
+        completed=lambda: _service_completed(base, cache_id, token),
     )
     return _attach_optional(reader)
 

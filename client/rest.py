@@ -15,40 +15,21 @@ from typing import Any
 
 import httpx
 
-from kdcache.core.errors import Problem, ServiceError, SpecError
+from kdcache.core.resolve import absolute_paths
+from kdcache.core.rest import ServiceLink, server_from_env, token_from_env
+from kdcache.core.retry import RetryPolicy
 from kdcache.core.spec import JobSpec, load_spec
+from kdcache.core.wire import TERMINAL_JOB_STATES
 
-__all__ = ["TERMINAL", "CacheClient"]
-
-TERMINAL = ("done", "failed", "cancelled")
-_RETRY_STATUS = (502, 503, 504)
-
-
-def _absolute_paths(spec: JobSpec, base: Path) -> JobSpec:
-    """Make a spec file's relative paths absolute against the file's folder."""
-
-    def fix(value: str | None) -> str | None:
-        if value is None or "://" in value or Path(value).expanduser().is_absolute():
-            return value
-        return str((base / value).resolve())
-
-    t, d = spec.teacher, spec.dataset
-    return spec.model_copy(
-        update={
-            "teacher": t.model_copy(update={"hf": fix(t.hf)}),
-            "dataset": d.model_copy(
-                update={
-                    "tokens": fix(d.tokens),
-                    "jsonl": fix(d.jsonl),
-                    "tokenizer": fix(d.tokenizer),
-                }
-            ),
-        }
-    )
+__all__ = ["CacheClient"]
 
 
 class CacheClient:
-    """A small synchronous client of the kdcache REST API (v1)."""
+    """A small synchronous client of the kdcache REST API (v1).
+
+    Transient failures (no answer, 408, 429, 5xx) are retried under ``retry`` (default: 4 tries
+    within 60 s); errors are the classes of :mod:`kdcache.core.errors` the service raised.
+    """
 
     def __init__(
         self,
@@ -56,19 +37,15 @@ class CacheClient:
         *,
         token: str | None = None,
         timeout: float = 30.0,
-        retries: int = 3,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        server = server or os.environ.get("KDCACHE_SERVER")
-        if not server:
-            raise ValueError("no server: pass server= or set KDCACHE_SERVER")
-        self.server = server.rstrip("/")
-        self.token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.retries = retries
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        self.server = server_from_env(server)
+        self.token = token_from_env(token)
+        retry = retry if retry is not None else RetryPolicy(seconds=60.0, attempts=4)
+        self._link = ServiceLink(self.server, self.token, retry=retry, timeout=timeout)
 
     def close(self) -> None:
-        self._http.close()
+        self._link.close()
 
     def __enter__(self) -> CacheClient:
         return self
@@ -77,42 +54,7 @@ class CacheClient:
         self.close()
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        delay = 0.5
-        for attempt in range(self.retries + 1):
-            try:
-                resp = self._http.request(method, path, **kw)
-            except httpx.TransportError as err:
-                if attempt == self.retries:
-                    raise ServiceError(
-                        f"cannot reach {self.server}: {err}", status=0, code="unreachable"
-                    ) from None
-            else:
-                if resp.status_code not in _RETRY_STATUS or attempt == self.retries:
-                    break
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
-        if resp.status_code >= 400:
-            self._raise(resp)
-        return resp
-
-    @staticmethod
-    def _raise(resp: httpx.Response) -> None:
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        code, message = str(err.get("code", "")), str(err.get("message", resp.text[:500]))
-        if resp.status_code == 422 and err.get("problems"):
-            raise SpecError(
-                Problem(p.get("field", "spec"), p.get("message", "")) for p in err["problems"]
-            )
-        raise ServiceError(
-            f"{resp.request.method} {resp.request.url.path}: {resp.status_code} {code}: {message}",
-            status=resp.status_code,
-            code=code,
-            body=body,
-        )
+        return self._link.request(method, path, **kw)
 
     def submit(self, spec: JobSpec | dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
         """Submit a job (a spec, a dict, or a YAML/JSON file path); returns the Job.
@@ -121,7 +63,7 @@ class CacheClient:
         """
         if isinstance(spec, str | os.PathLike):
             path = Path(spec)
-            spec = _absolute_paths(load_spec(path), path.absolute().parent)
+            spec = absolute_paths(load_spec(path), path.absolute().parent)
         body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
         resp = self._request("POST", "/v1/jobs", json=body)
         job: dict[str, Any] = resp.json()
@@ -152,7 +94,7 @@ class CacheClient:
             job = self.job(job_id)
             if on_progress is not None:
                 on_progress(job)
-            if job["status"] in TERMINAL:
+            if job["status"] in TERMINAL_JOB_STATES:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")

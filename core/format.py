@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from kdcache.core.errors import CacheFormatError
+from kdcache.core.layout import shard_key
 
 __all__ = [
     "ARRAY_INPUT_IDS",
@@ -87,11 +88,6 @@ def plan_chunks(
     if row_bytes >= target:
         return (1, _largest_divisor_at_most(t, max(1, target // per_pos)), *rest)
     return (_largest_divisor_at_most(rows_per_shard, target // row_bytes), t, *rest)
-
-
-def shard_key(array: str, shard: int, ndim: int) -> str:
-    """Store key of an array's shard object (default chunk key encoding, "/" separated)."""
-    return "/".join([array, "c", str(shard), *["0"] * (ndim - 1)])
 
 
 def shard_rows(shard: int, rows_per_shard: int, num_rows: int) -> tuple[int, int]:

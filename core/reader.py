@@ -21,7 +21,8 @@ from kdcache.core.errors import (
     IntegrityError,
     ShardIncompleteError,
 )
-from kdcache.core.format import MANIFEST_KEY, Manifest, shard_key
+from kdcache.core.format import MANIFEST_KEY, Manifest
+from kdcache.core.layout import shard_key
 from kdcache.core.shards import ShardRecord, checksum, list_records
 from kdcache.core.storage import Storage, open_storage
 

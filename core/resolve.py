@@ -23,6 +23,7 @@ from kdcache.core.spec import JobSpec, parse_spec, read_spec_file
 
 __all__ = [
     "JobPlan",
+    "absolute_paths",
     "TeacherInfo",
     "load_job",
     "plan_from_data",
@@ -141,6 +142,29 @@ def _abs(path: str, base: Path | None) -> Path:
     if base is not None and (base / p).exists():
         return (base / p).resolve()
     return p.resolve()
+
+
+_PATH_FIELDS = {"teacher": ("hf",), "dataset": ("tokens", "jsonl", "tokenizer", "hf")}
+
+
+def absolute_paths(spec: JobSpec, base_dir: str | Path | None) -> JobSpec:
+    """``spec`` with every local path made absolute the way :func:`resolve_job` does it (from
+    ``base_dir`` when the file is there, else the working directory); URLs stay as written.
+
+    ``kdcache run`` and ``kdcache submit`` both read spec files through this.
+    """
+    base = Path(base_dir) if base_dir is not None else None
+    update: dict[str, Any] = {}
+    for part, names in _PATH_FIELDS.items():
+        model = getattr(spec, part)
+        fixed = {
+            n: str(_abs(v, base))
+            for n in names
+            if isinstance(v := getattr(model, n, None), str) and "://" not in v
+        }
+        if fixed:
+            update[part] = model.model_copy(update=fixed)
+    return spec.model_copy(update=update) if update else spec
 
 
 def _layer_map(spec: JobSpec, info: TeacherInfo) -> dict[int, int]:

@@ -10,24 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import ConfigDict, Field, with_config
 
 from kdcache.core.errors import CacheFormatError
+from kdcache.core.layout import RECORDS_PREFIX, parse_record_key, record_key
 from kdcache.core.storage import Storage
 
-__all__ = [
-    "RECORDS_PREFIX",
-    "ShardRecord",
-    "checksum",
-    "list_records",
-    "read_record",
-    "record_key",
-    "write_record",
-]
-
-RECORDS_PREFIX = "_kdcache/shards"
+__all__ = ["ShardRecord", "checksum", "list_records", "read_record", "write_record"]
 
 
 def checksum(data: np.ndarray) -> str:
@@ -38,16 +30,26 @@ def checksum(data: np.ndarray) -> str:
     return h.hexdigest()
 
 
+_NonNegative = Annotated[int, Field(ge=0)]
+_Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class ShardRecord:
-    """A completed shard: its rows, each array's checksum, and who wrote it."""
+    """A completed shard: its rows, each array's checksum, and who wrote it.
 
-    shard: int
-    start: int
-    end: int
-    checksums: dict[str, str]
-    tokens: int = 0
-    seconds: float = 0.0
+    Also the wire model of ``POST /v1/leases/{id}/complete`` (pydantic validates it there).
+    """
+
+    shard: _NonNegative
+    start: _NonNegative
+    end: _NonNegative
+    checksums: dict[str, _Sha256] = field(
+        metadata={"description": "array name -> SHA-256 of its shard rows"}
+    )
+    tokens: _NonNegative = 0
+    seconds: Annotated[float, Field(ge=0)] = 0.0
     writer: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -73,10 +75,6 @@ class ShardRecord:
             raise CacheFormatError(f"malformed shard record: {err!r}") from None
 
 
-def record_key(shard: int) -> str:
-    return f"{RECORDS_PREFIX}/{shard:08d}.json"
-
-
 def write_record(storage: Storage, record: ShardRecord) -> None:
     storage.write_bytes(record_key(record.shard), record.to_json())
 
@@ -93,8 +91,7 @@ def list_records(storage: Storage) -> dict[int, ShardRecord]:
     """Every completion record in a cache, by shard index; unreadable ones are skipped."""
     out: dict[int, ShardRecord] = {}
     for key in storage.list(RECORDS_PREFIX):
-        name = key.rsplit("/", 1)[-1]
-        if not (name.endswith(".json") and name[:-5].isdigit()):
+        if parse_record_key(key.lstrip("/")) is None:
             continue
         try:
             rec = ShardRecord.from_dict(json.loads(storage.read_bytes(key)))

@@ -3,9 +3,9 @@
 Used inside the image builds (``python3 requirements.py service < pyproject.toml``) and by the
 compose test's wheelhouse builder, so the images and the wheelhouse agree with pyproject.toml.
 
-- ``service``: kdcache's dependencies without torch, plus the service, s3 and postgres extras
-  (the service image must not contain torch).
-- ``worker``: kdcache's dependencies (torch included), plus the worker, client and s3 extras.
+- ``service``: kdcache's dependencies plus the service, s3 and postgres extras (no torch: only
+  the worker and client extras bring it).
+- ``worker``: kdcache's dependencies plus the worker (torch), client and s3 extras.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10 (some PyTorch base images): pip vendo
 
 ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # role: (extras added, distributions left out)
-    "service": (("service", "s3", "postgres"), ("torch",)),
+    "service": (("service", "s3", "postgres"), ()),
     "worker": (("worker", "client", "s3"), ()),
 }
 

@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import Depends, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from kdcache.core.errors import Forbidden, Unauthorized
 from kdcache.service.deps import SettingsDep
-from kdcache.service.errors import Forbidden, Unauthorized
 from kdcache.service.settings import RouteClass, Settings
 
 __all__ = ["AdminAuth", "ReadAuth", "WorkerAuth", "check_token"]

@@ -7,32 +7,29 @@ complete once any of them completed it, and the latest job stands for the cache.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kdcache.service.db import JobRow, ShardRow
-from kdcache.service.errors import NotFound
-from kdcache.service.schemas import CacheDetail, CacheSummary
-from kdcache.service.store import JobStats
-
-if TYPE_CHECKING:
-    from kdcache.service.store import JobStore
+from kdcache.core.errors import NotFound
+from kdcache.core.wire import CacheDetail, CacheSummary
+from kdcache.service.db import Database, JobRow, ShardRow
+from kdcache.service.views import JobStats, job_stats
 
 __all__ = ["CacheIndex"]
 
 
 class CacheIndex:
-    """Cache queries on a :class:`~kdcache.service.store.JobStore`.
+    """Cache queries over a :class:`~kdcache.service.db.Database`.
 
     Positive answers of :meth:`exists` and :meth:`shard_done` are remembered: jobs are never
     deleted and a done shard never becomes undone, so serving a chunk costs no query after the
     first (store keys are the hot path when students train over HTTP).
     """
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self._known: set[str] = set()
         self._done: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
@@ -47,9 +44,9 @@ class CacheIndex:
         return list(seen.values())
 
     def summaries(self) -> list[CacheSummary]:
-        with self.store.read() as s:
+        with self.db.read() as s:
             rows = self._latest_jobs(s)
-            stats = self.store.stats(s, [r.id for r in rows])
+            stats = job_stats(s, [r.id for r in rows])
             out = []
             for r in rows:
                 st = stats.get(r.id, JobStats())
@@ -69,7 +66,7 @@ class CacheIndex:
 
     def completed_records(self, cache_id: str) -> tuple[JobRow, dict[int, dict[str, Any]]]:
         """The cache's latest job and every completed shard's record (over all its jobs)."""
-        with self.store.read() as s:
+        with self.db.read() as s:
             latest = self._latest_jobs(s, cache_id)
             if not latest:
                 raise NotFound(f"no cache {cache_id!r}")
@@ -100,7 +97,7 @@ class CacheIndex:
         """True once a job for this cache was submitted."""
         if cache_id in self._known:
             return True
-        with self.store.read() as s:
+        with self.db.read() as s:
             q = select(JobRow.id).where(JobRow.cache_id == cache_id).limit(1)
             found = s.execute(q).first() is not None
         if found:
@@ -112,7 +109,7 @@ class CacheIndex:
         """True once any job of this cache completed ``shard``."""
         if (cache_id, shard) in self._done:
             return True
-        with self.store.read() as s:
+        with self.db.read() as s:
             q = (
                 select(ShardRow.shard)
                 .join(JobRow, JobRow.id == ShardRow.job_id)

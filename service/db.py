@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -31,16 +33,15 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from kdcache.service.errors import SchemaVersionError
+from kdcache.core.errors import SchemaVersionError
+from kdcache.core.wire import LIVE_JOB_STATES
 
 __all__ = [
-    "ACTIVE_JOB_STATES",
-    "JOB_STATES",
-    "LIVE_JOB_STATES",
     "SCHEMA_VERSION",
+    "Database",
     "WRITE",
     "Base",
     "JobRow",
@@ -54,10 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
-ACTIVE_JOB_STATES = ("pending", "running")
-# Jobs a resubmission of the same cache returns instead of creating a new one.
-LIVE_JOB_STATES = ("pending", "running", "done")
 _LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE_JOB_STATES))
 WRITE = "kdcache_write"  # execution option: this connection's transactions take the write lock
 SQLITE_BUSY_MS = 30_000
@@ -222,3 +219,39 @@ def init_schema(engine: Engine) -> int:
             )
             log.info("created job store schema version %d", SCHEMA_VERSION)
     return SCHEMA_VERSION
+
+
+class Database:
+    """The job database: one engine, read sessions and write transactions. The job store, the
+    lease book and the cache index are peers over one of these; none of them owns another."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._write_engine = self.engine.execution_options(**{WRITE: True})
+
+    def open(self) -> None:
+        """Create or check the schema (refuses a newer one)."""
+        init_schema(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads (no write lock)."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A transaction that holds the write lock from its start (SQLite) and commits on exit."""
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self.read() as s:
+            s.execute(text("SELECT 1"))

@@ -1,6 +1,8 @@
-"""The service's own errors, and the one place errors become HTTP responses.
+"""The one place errors become HTTP responses.
 
-Every error response has the body ``{"error": {"code", "message", "field"?, "problems"?}}``::
+The classes are :mod:`kdcache.core.errors`', so a client decodes an answer back into the class
+the service raised. Every error response has the
+body ``{"error": {"code", "message", "field"?, "problems"?}}``::
 
     KDCacheError (kdcache.core.errors)
     ├── SpecError                  422 invalid_spec, ``problems`` lists every problem
@@ -16,7 +18,8 @@ Every error response has the body ``{"error": {"code", "message", "field"?, "pro
         ├── Conflict               409 conflict | lease_lost | job_cancelled
         ├── PayloadTooLarge        413 payload_too_large
         ├── RangeNotSatisfiable    416 range_not_satisfiable
-        └── Unprocessable          422 invalid_request | invalid_record | unsupported
+        ├── Unprocessable          422 invalid_request | invalid_record | unsupported
+        └── InsufficientStorage    507 insufficient_storage (also any OSError ENOSPC)
 
 Request validation errors are 422 ``invalid_request``; a locked or unreachable database is 503
 ``unavailable`` with ``Retry-After``; anything else is 500 ``internal`` (logged, no details).
@@ -24,6 +27,7 @@ Request validation errors are 422 ``invalid_request``; a locked or unreachable d
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,101 +42,18 @@ from kdcache.core.errors import (
     CacheFormatError,
     CacheNotFoundError,
     DatasetError,
+    InsufficientStorage,
     KDCacheError,
     ManifestMismatchError,
+    ServiceError,
     ShardIncompleteError,
     SpecError,
     TeacherError,
 )
 
-__all__ = [
-    "Conflict",
-    "Forbidden",
-    "NotFound",
-    "PayloadTooLarge",
-    "RangeNotSatisfiable",
-    "SchemaVersionError",
-    "ServiceError",
-    "Unauthorized",
-    "Unprocessable",
-    "error_body",
-    "install_error_handlers",
-]
+__all__ = ["error_body", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
-
-
-class SchemaVersionError(KDCacheError, RuntimeError):
-    """The job database's schema is not one this kdcache can use."""
-
-
-class ServiceError(KDCacheError):
-    """An error with an HTTP status; ``code`` is the machine-readable part of the body."""
-
-    status_code = 400
-    code = "bad_request"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        field: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code or type(self).code
-        self.field = field
-        self.headers = dict(headers or {})
-
-
-class Unauthorized(ServiceError):
-    """No bearer token, or a malformed Authorization header."""
-
-    status_code, code = 401, "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-
-
-class Forbidden(ServiceError):
-    """A bearer token that does not open this route."""
-
-    status_code, code = 403, "forbidden"
-
-
-class NotFound(ServiceError, LookupError):
-    """No such job, lease, cache or key."""
-
-    status_code, code = 404, "not_found"
-
-
-class Conflict(ServiceError):
-    """The request contradicts the current state (a lost lease, a cancelled job)."""
-
-    status_code, code = 409, "conflict"
-
-
-class PayloadTooLarge(ServiceError):
-    """A request body above ``KDCACHE_MAX_BODY_BYTES``."""
-
-    status_code, code = 413, "payload_too_large"
-
-
-class RangeNotSatisfiable(ServiceError):
-    """A Range header that selects nothing of an object of ``size`` bytes (or is malformed)."""
-
-    status_code, code = 416, "range_not_satisfiable"
-
-    def __init__(self, message: str, size: int) -> None:
-        super().__init__(message, headers={"Content-Range": f"bytes */{size}"})
-
-
-class Unprocessable(ServiceError, ValueError):
-    """A well-formed request whose content the service cannot act on."""
-
-    status_code, code = 422, "invalid_request"
 
 
 def error_body(
@@ -216,6 +137,9 @@ async def _on_db_unavailable(_request: Request, exc: Exception) -> Any:
 
 
 async def _on_unexpected(_request: Request, exc: Exception) -> Any:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("storage full: %s", exc)
+        return _json(507, error_body(InsufficientStorage.code, f"storage full: {exc.strerror}"))
     log.error("unhandled error", exc_info=exc)
     return _json(500, error_body("internal", "internal server error"))
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 from kdcache.core.errors import CacheFormatError
 from kdcache.core.format import MANIFEST_KEY, Manifest
-from kdcache.core.shards import record_key
+from kdcache.core.layout import CACHES_DIR, RECORDS_PREFIX, parse_chunk_key, parse_record_key
 from kdcache.core.storage import is_remote
 
 __all__ = ["BLOCK_BYTES", "CacheFiles", "FileStat", "KeyKind", "classify_key", "valid_cache_id"]
@@ -28,7 +28,6 @@ BLOCK_BYTES = 256 << 10
 MAX_KEY_CHARS = 512
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _CACHE_ID = re.compile(r"^[0-9a-f]{1,64}$")
-_RECORD = re.compile(r"^_kdcache/shards/(\d{1,12})\.json$")
 
 
 def valid_cache_id(cache_id: str) -> bool:
@@ -53,21 +52,17 @@ def classify_key(key: str, manifest: dict[str, Any] | None) -> KeyKind | None:
         return None
     if parts[-1] == "zarr.json":
         return KeyKind("metadata")
-    m = _RECORD.match(key)
-    if m is not None:
-        n = int(m.group(1))
-        return KeyKind("record", n) if key == record_key(n) else None
-    if manifest is None or "c" not in parts:
+    if key.startswith(RECORDS_PREFIX + "/"):
+        shard = parse_record_key(key)
+        return KeyKind("record", shard) if shard is not None else None
+    if manifest is None:
         return None
     try:
         ndims = {a.name: 1 + len(a.row_shape) for a in Manifest.from_dict(manifest).arrays()}
     except CacheFormatError:
         return None
-    cut = parts.index("c")
-    array, index = "/".join(parts[:cut]), parts[cut + 1 :]
-    if ndims.get(array) != len(index) or not all(p.isdigit() for p in index):
-        return None
-    return KeyKind("chunk", int(index[0]))
+    found = parse_chunk_key(key, ndims)
+    return KeyKind("chunk", found[1]) if found is not None else None
 
 
 @dataclass(frozen=True)
@@ -97,7 +92,7 @@ def _read_blocks(f: Any, start: int, length: int) -> Iterator[bytes]:
 
 class _LocalBackend:
     def __init__(self, root: str) -> None:
-        self.base = Path(root) / "caches"
+        self.base = Path(root) / CACHES_DIR
 
     def _path(self, rel: str) -> Path | None:
         try:
@@ -133,7 +128,7 @@ class _FsspecBackend:
         import fsspec.core
 
         self.fs, path = fsspec.core.url_to_fs(root)
-        self.base = f"{path.rstrip('/')}/caches"
+        self.base = f"{path.rstrip('/')}/{CACHES_DIR}"
 
     def stat(self, rel: str) -> FileStat | None:
         try:

@@ -14,21 +14,19 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from kdcache.core.errors import KDCacheError
+from kdcache.core.errors import Conflict, KDCacheError, NotFound, Unprocessable
+from kdcache.core.layout import cache_url
 from kdcache.core.reader import CacheReader
 from kdcache.core.shards import ShardRecord, write_record
 from kdcache.core.storage import open_storage
-from kdcache.service.db import ACTIVE_JOB_STATES, JobRow, LeaseRow, ShardRow
-from kdcache.service.errors import Conflict, NotFound, Unprocessable
-from kdcache.service.schemas import Heartbeat, Job, Lease, RecordIn
-
-if TYPE_CHECKING:
-    from kdcache.service.store import JobStore
+from kdcache.core.wire import ACTIVE_JOB_STATES, Heartbeat, Job, Lease
+from kdcache.service.db import Database, JobRow, LeaseRow, ShardRow
+from kdcache.service.views import view as job_of
 
 __all__ = ["LeaseBook"]
 
@@ -61,13 +59,33 @@ class _Owned:
 
 
 class LeaseBook:
-    """Lease operations on a :class:`~kdcache.service.store.JobStore`."""
+    """Claims, heartbeats, completions and failures of shards, over a :class:`Database`.
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    A shard's failures count against ``max_attempts``; its lease expiries (a worker died or
+    stalled) against their own, larger ``max_expiries`` budget (default: ``10 * max_attempts``),
+    so workers killed while starting up never fail a job that others keep working on.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        root: str,
+        *,
+        lease_seconds: float = 120.0,
+        max_attempts: int = 3,
+        max_expiries: int | None = None,
+    ) -> None:
+        self.db = db
+        self.root = root
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.max_expiries = max_expiries if max_expiries is not None else 10 * max_attempts
 
     def _lock(self) -> bool:
-        return self.store.dialect != "sqlite"
+        return self.db.dialect != "sqlite"
+
+    def cache_url(self, cache_id: str) -> str:
+        return cache_url(self.root, cache_id)
 
     def _load(self, s: Session, lease_id: str, *, lock: bool = True) -> _Owned:
         """The lease, its shard (row-locked on PostgreSQL when ``lock``) and its job."""
@@ -129,7 +147,7 @@ class LeaseBook:
         self._release(shard)
         worker = old.worker if old is not None else "?"
         log.warning("job %s shard %d: lease of %s expired", job.id, shard.shard, worker)
-        if shard.attempts < self.store.max_attempts:
+        if shard.attempts < self.max_attempts:
             return False
         self._fail_job(
             job,
@@ -142,11 +160,11 @@ class LeaseBook:
     def claim(self, worker: str, job_id: str | None = None) -> Lease | None:
         """Lease the next pending shard (oldest job first, lowest shard first), or None."""
         if job_id is not None:
-            with self.store.read() as s:
+            with self.db.read() as s:
                 if s.get(JobRow, job_id) is None:
                     raise NotFound(f"no job {job_id!r}")
         now = time.time()
-        with self.store.write() as s:
+        with self.db.write() as s:
             # Each pass leases a shard, or fails a job (which leaves the active set): it ends.
             while (shard := self._next(s, now, job_id)) is not None:
                 job = s.get(JobRow, shard.job_id)
@@ -159,7 +177,7 @@ class LeaseBook:
 
     def _grant(self, s: Session, shard: ShardRow, job: JobRow, worker: str, now: float) -> Lease:
         lease_id = uuid.uuid4().hex
-        deadline = now + self.store.lease_seconds
+        deadline = now + self.lease_seconds
         shard.status, shard.lease_id, shard.deadline = "leased", lease_id, deadline
         attempt = shard.attempts + 1
         s.add(
@@ -186,9 +204,9 @@ class LeaseBook:
             start=shard.start,
             end=shard.end,
             deadline=deadline,
-            lease_seconds=self.store.lease_seconds,
+            lease_seconds=self.lease_seconds,
             spec=job.spec,  # type: ignore[arg-type]  # validated into JobSpec by pydantic
-            cache_url=self.store.cache_url(job.cache_id),
+            cache_url=self.cache_url(job.cache_id),
             attempt=attempt,
         )
 
@@ -205,8 +223,8 @@ class LeaseBook:
 
     def heartbeat(self, lease_id: str) -> Heartbeat:
         """Extend a lease that still owns its shard; 409 when lost or the job stopped."""
-        deadline = time.time() + self.store.lease_seconds
-        with self.store.write() as s:
+        deadline = time.time() + self.lease_seconds
+        with self.db.write() as s:
             o = self._load(s, lease_id)
             refusal = self._refusal(o)
             if refusal is None:
@@ -218,7 +236,7 @@ class LeaseBook:
             raise refusal
         return Heartbeat(deadline=deadline, cancelled=False)
 
-    def _check_record(self, o: _Owned, rec: RecordIn) -> None:
+    def _check_record(self, o: _Owned, rec: ShardRecord) -> None:
         for name in ("shard", "start", "end"):
             want = getattr(o.shard, name)
             if getattr(rec, name) != want:
@@ -227,7 +245,7 @@ class LeaseBook:
                     code="invalid_record",
                     field=f"record.{name}",
                 )
-        url = self.store.cache_url(o.job.cache_id)
+        url = self.cache_url(o.job.cache_id)
         try:
             manifest = CacheReader(url).manifest
         except (KDCacheError, OSError, ValueError, KeyError) as err:
@@ -248,28 +266,28 @@ class LeaseBook:
                 field="record.checksums",
             )
 
-    def complete(self, lease_id: str, rec: RecordIn) -> Job:
+    def complete(self, lease_id: str, rec: ShardRecord) -> Job:
         """Record a written shard and publish its completion record into the cache.
 
         Idempotent: the same lease completing again with the same checksums (its first answer
         was lost) gets the job back, not a conflict.
         """
-        with self.store.read() as s:
+        with self.db.read() as s:
             o = self._load(s, lease_id, lock=False)
             if o.lease.state == "done" and (o.shard.record or {}).get("checksums") == rec.checksums:
-                return self.store.view(s, o.job)
+                return job_of(s, o.job, self.root)
             if (refusal := self._refusal(o)) is not None:
                 raise refusal
         self._check_record(o, rec)  # reads the cache: outside the write transaction
-        record = ShardRecord(**rec.model_dump())
-        with self.store.write() as s:
+        record = rec
+        with self.db.write() as s:
             o = self._load(s, lease_id)
             refusal = self._refusal(o)
             if refusal is None:
                 self._mark_done(s, o, record, time.time())
                 # Published inside the transaction: a failed write rolls the completion back.
-                write_record(open_storage(self.store.cache_url(o.job.cache_id)), record)
-                view = self.store.view(s, o.job)
+                write_record(open_storage(self.cache_url(o.job.cache_id)), record)
+                view = job_of(s, o.job, self.root)
         if refusal is not None:
             raise refusal
         return view
@@ -299,7 +317,7 @@ class LeaseBook:
         no attempt is counted, so preemptions never fail a job.
         """
         now = time.time()
-        with self.store.write() as s:
+        with self.db.write() as s:
             o = self._load(s, lease_id)
             refusal = self._refusal(o)
             if refusal is None:
@@ -312,9 +330,9 @@ class LeaseBook:
                 elif retryable:
                     o.shard.attempts += 1
                     log.warning("job %s shard %d failed: %s", o.job.id, o.shard.shard, text[:200])
-                if not release and (not retryable or o.shard.attempts >= self.store.max_attempts):
+                if not release and (not retryable or o.shard.attempts >= self.max_attempts):
                     self._fail_job(o.job, f"shard {o.shard.shard}: {text}", now)
-                view = self.store.view(s, o.job)
+                view = job_of(s, o.job, self.root)
         if refusal is not None:
             raise refusal
         return view

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kdcache.service.errors import RangeNotSatisfiable
+from kdcache.core.errors import RangeNotSatisfiable
 
 __all__ = ["MAX_RANGE_HEADER", "ByteRange", "parse_range"]
 

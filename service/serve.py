@@ -7,7 +7,7 @@ from email.utils import formatdate
 from fastapi import Response
 from fastapi.responses import StreamingResponse
 
-from kdcache.service.errors import NotFound
+from kdcache.core.errors import NotFound
 from kdcache.service.files import CacheFiles, FileStat, classify_key, valid_cache_id
 from kdcache.service.ranges import parse_range
 from kdcache.service.store import JobStore

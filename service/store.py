@@ -1,8 +1,8 @@
-"""The job store: jobs, their shards and caches, on SQLAlchemy (SQLite or PostgreSQL).
+"""The job store: submitting, listing and cancelling jobs, and the metrics snapshot.
 
-Leases live in :mod:`kdcache.service.leasing` (``store.leases``) and the cache index in
-:mod:`kdcache.service.cache_index` (``store.caches``); this module owns the engine, sessions,
-submission, listing, cancelling and the Job view with its progress numbers.
+It, the lease book (:mod:`kdcache.service.leasing`) and the cache index
+(:mod:`kdcache.service.cache_index`) are peers over one :class:`~kdcache.service.db.Database`;
+the Job view they all answer with is :mod:`kdcache.service.views`'.
 """
 
 from __future__ import annotations
@@ -10,57 +10,30 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import case, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
+from kdcache.core.errors import Conflict, NotFound
 from kdcache.core.format import shard_rows
+from kdcache.core.layout import cache_url
 from kdcache.core.resolve import JobPlan
 from kdcache.core.shards import ShardRecord, list_records
 from kdcache.core.storage import open_storage
-from kdcache.service.db import (
-    ACTIVE_JOB_STATES,
-    JOB_STATES,
-    LIVE_JOB_STATES,
-    WRITE,
-    JobRow,
-    LeaseRow,
-    ShardRow,
-    init_schema,
-    make_engine,
-)
-from kdcache.service.errors import Conflict, NotFound
-from kdcache.service.schemas import Job
+from kdcache.core.wire import ACTIVE_JOB_STATES, JOB_STATES, LIVE_JOB_STATES, Job
+from kdcache.service.cache_index import CacheIndex
+from kdcache.service.db import Database, JobRow, LeaseRow, ShardRow
+from kdcache.service.leasing import LeaseBook
+from kdcache.service.views import JobStats, job_stats, job_view, view
 
-__all__ = ["JobStats", "JobStore", "MetricsSnapshot", "cache_url"]
+__all__ = ["JobStore", "MetricsSnapshot"]
 
 log = logging.getLogger(__name__)
-
-
-def cache_url(root: str, cache_id: str) -> str:
-    """Where a cache lives under a storage root: ``<root>/caches/<cache_id>``."""
-    return f"{root.rstrip('/')}/caches/{cache_id}"
-
-
-def _iso(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
-
-
-@dataclass(frozen=True)
-class JobStats:
-    """Sums over a job's done shards; ``fresh_*`` only those completed under this job."""
-
-    shards_done: int = 0
-    rows_done: int = 0
-    tokens_done: int = 0
-    fresh_rows: int = 0
-    fresh_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,104 +50,53 @@ class JobStore:
     """Jobs and shards in a database; safe to share between threads and processes."""
 
     def __init__(
-        self, db_url: str, root: str, *, lease_seconds: float = 120.0, max_attempts: int = 3
+        self,
+        db_url: str | Database,
+        root: str,
+        *,
+        lease_seconds: float = 120.0,
+        max_attempts: int = 3,
+        max_expiries: int | None = None,
     ) -> None:
-        from kdcache.service.cache_index import CacheIndex
-        from kdcache.service.leasing import LeaseBook
-
         self.root = root
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.engine = make_engine(db_url)
-        self._write_engine = self.engine.execution_options(**{WRITE: True})
-        self.leases = LeaseBook(self)
-        self.caches = CacheIndex(self)
+        self.db = db_url if isinstance(db_url, Database) else Database(db_url)
+        self.engine = self.db.engine
+        # Peers over the same database, kept here for the routes' convenience: neither calls
+        # back into the job store.
+        self.leases = LeaseBook(
+            self.db,
+            root,
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+            max_expiries=max_expiries,
+        )
+        self.caches = CacheIndex(self.db)
 
     def open(self) -> None:
         """Create or check the schema (refuses a newer one)."""
-        init_schema(self.engine)
+        self.db.open()
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.db.close()
 
     @property
     def dialect(self) -> str:
-        return self.engine.dialect.name
+        return self.db.dialect
 
-    @contextmanager
-    def read(self) -> Iterator[Session]:
-        """A session for reads (no write lock)."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            yield session
+    def read(self) -> AbstractContextManager[Session]:
+        return self.db.read()
 
-    @contextmanager
-    def write(self) -> Iterator[Session]:
-        """A transaction that holds the write lock from its start (SQLite) and commits on exit."""
-        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
-            yield session
+    def write(self) -> AbstractContextManager[Session]:
+        return self.db.write()
 
     def cache_url(self, cache_id: str) -> str:
         return cache_url(self.root, cache_id)
 
     def ping(self) -> None:
-        with self.read() as s:
-            s.execute(text("SELECT 1"))
-
-    # -- views ---------------------------------------------------------------------------------
-
-    def stats(self, s: Session, job_ids: Sequence[str]) -> dict[str, JobStats]:
-        if not job_ids:
-            return {}
-        done = ShardRow.status == "done"
-        fresh = done & ~ShardRow.carried
-        rows = ShardRow.end - ShardRow.start
-        q = (
-            select(
-                ShardRow.job_id,
-                func.sum(case((done, 1), else_=0)),
-                func.sum(case((done, rows), else_=0)),
-                func.sum(case((done, ShardRow.tokens), else_=0)),
-                func.sum(case((fresh, rows), else_=0)),
-                func.sum(case((fresh, ShardRow.tokens), else_=0)),
-            )
-            .where(ShardRow.job_id.in_(job_ids))
-            .group_by(ShardRow.job_id)
-        )
-        return {r[0]: JobStats(*(int(v or 0) for v in r[1:])) for r in s.execute(q)}
-
-    def job_view(self, row: JobRow, stats: JobStats, now: float | None = None) -> Job:
-        """The API's Job, with rate and ETA from the shards completed under this job."""
-        now = time.time() if now is None else now
-        tokens_per_s = eta_s = None
-        if row.started_at is not None and stats.fresh_tokens > 0:
-            until = row.finished_at if row.finished_at is not None else now
-            elapsed = max(until - row.started_at, 1e-3)
-            tokens_per_s = stats.fresh_tokens / elapsed
-            if row.status == "running" and stats.fresh_rows > 0:
-                eta_s = (row.rows_total - stats.rows_done) / (stats.fresh_rows / elapsed)
-        if row.status == "done":
-            eta_s = 0.0
-        return Job(
-            id=row.id,
-            cache_id=row.cache_id,
-            name=row.name,
-            status=row.status,  # type: ignore[arg-type]  # the DB holds only valid states
-            shards_total=row.shards_total,
-            shards_done=stats.shards_done,
-            rows_total=row.rows_total,
-            rows_done=stats.rows_done,
-            tokens_done=stats.tokens_done,
-            tokens_per_s=tokens_per_s,
-            eta_s=eta_s,
-            error=row.error,
-            spec=row.spec,  # type: ignore[arg-type]  # validated into JobSpec by pydantic
-            cache_url=self.cache_url(row.cache_id),
-            created_at=_iso(row.created_at),
-            updated_at=_iso(row.updated_at),
-        )
+        self.db.ping()
 
     def view(self, s: Session, row: JobRow) -> Job:
-        return self.job_view(row, self.stats(s, [row.id]).get(row.id, JobStats()))
+        return view(s, row, self.root)
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -192,9 +114,9 @@ class JobStore:
             if status is not None:
                 q = q.where(JobRow.status == status)
             rows = list(s.scalars(q.limit(limit).offset(offset)))
-            stats = self.stats(s, [r.id for r in rows])
+            stats = job_stats(s, [r.id for r in rows])
             now = time.time()
-            return [self.job_view(r, stats.get(r.id, JobStats()), now) for r in rows]
+            return [job_view(r, stats.get(r.id, JobStats()), self.root, now) for r in rows]
 
     def _live_job(self, s: Session, cache_id: str) -> JobRow | None:
         q = select(JobRow).where(JobRow.cache_id == cache_id, JobRow.status.in_(LIVE_JOB_STATES))
@@ -323,7 +245,7 @@ class JobStore:
 
     def metrics(self) -> MetricsSnapshot:
         with self.read() as s:
-            jobs = dict.fromkeys(JOB_STATES, 0)
+            jobs: dict[str, int] = dict.fromkeys(JOB_STATES, 0)
             for state, n in s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)):
                 jobs[state] = int(n)
             fresh = (ShardRow.status == "done") & ~ShardRow.carried

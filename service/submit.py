@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdcache.core.errors import Problem, SpecError
+from kdcache.core.errors import Problem, SpecError, Unprocessable
 from kdcache.core.resolve import JobPlan, resolve_job
 from kdcache.core.spec import parse_spec
-from kdcache.service.errors import Unprocessable
 
 __all__ = ["plan_submission"]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +64,73 @@ def test_cli_entry_point_help() -> None:
     assert out.returncode == 0
     for cmd in ("run", "inspect", "verify"):
         assert cmd in out.stdout
+
+
+# ---- the import graph, statically, over every module ----------------------------------------
+_COMPONENTS = ("core", "worker", "service", "client", "cli")
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Every kdcache module a file imports, at any depth (lazy imports inside functions too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m.startswith("kdcache.")}
+
+
+def test_import_graph_points_only_into_core() -> None:
+    """core imports only core; worker, service and client import core and themselves; the cli
+    may import everything. Checked on the source of every module, so no lazy import escapes."""
+    checked = 0
+    bad = []
+    for comp in _COMPONENTS:
+        allowed = {"core", comp} if comp != "cli" else set(_COMPONENTS)
+        for path in sorted((_ROOT / comp).rglob("*.py")):
+            checked += 1
+            for mod in _imports_of(path):
+                target = mod.split(".")[1]
+                if target not in allowed:
+                    bad.append(f"{path.relative_to(_ROOT)} imports {mod}")
+    assert checked > 60  # every module was seen
+    assert not bad, "\n".join(bad)
+
+
+def test_import_graph_check_catches_a_wrong_arrow(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from kdcache.service.store import JobStore\n")
+    assert _imports_of(f) == {"kdcache.service.store"}
+
+
+def _every_module(comp: str) -> list[str]:
+    out = []
+    for path in sorted((_ROOT / comp).rglob("*.py")):
+        rel = path.relative_to(_ROOT / comp).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        out.append(".".join(["kdcache", comp, *parts]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("comp", "forbidden"),
+    [
+        ("worker", ("kdcache.service", "kdcache.client", "fastapi", "uvicorn", "sqlalchemy")),
+        ("service", ("kdcache.worker", "kdcache.client", "torch", "transformers")),
+        ("client", ("kdcache.worker", "kdcache.service", "fastapi", "transformers")),
+        ("core", ("kdcache.worker", "kdcache.service", "kdcache.client", "torch", "fastapi")),
+    ],
+)
+def test_importing_every_module_of_a_component_stays_inside_it(
+    comp: str, forbidden: tuple[str, ...]
+) -> None:
+    """Really import every module of the component (the worker boundary included)."""
+    mods = _every_module(comp)
+    loaded = _modules_after("; ".join(f"import {m}" for m in mods))
+    assert set(mods) <= loaded  # the probe really imported them
+    bad = {m for m in loaded if m == m.split(".")[0] and m in forbidden}
+    bad |= {m for m in loaded if m.startswith(tuple(f for f in forbidden if "." in f))}
+    assert not bad, f"kdcache.{comp} loads {sorted(bad)}"

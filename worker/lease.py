@@ -27,60 +27,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-import httpx
 import torch
 
 from kdcache.core.errors import (
+    Conflict,
     DatasetError,
+    Forbidden,
     ManifestMismatchError,
     ServiceError,
     SpecError,
     TeacherError,
+    Unauthorized,
 )
+from kdcache.core.layout import cache_url
+from kdcache.core.rest import ServiceLink
+from kdcache.core.retry import RetryPolicy
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import parse_spec
+from kdcache.core.wire import Lease
 from kdcache.core.writer import CacheWriter
-from kdcache.worker.runner import PreparedJob, ShardRunner, cache_url, prepare_job
+from kdcache.worker.runner import PreparedJob, ShardRunner, prepare_job
 from kdcache.worker.teachers import FeatureOutput, FusedTeacher, Teacher, TeacherOutput
 
-__all__ = ["Lease", "WorkerStats", "run_worker"]
+__all__ = ["WorkerStats", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-_RETRY_STATUS = frozenset({500, 502, 503, 504})
 _PERMANENT = (DatasetError, SpecError, TeacherError)
 _MAX_MESSAGE = 20_000  # the service caps error messages; keep the head, where the cause is
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One shard handed to this worker until ``lease_seconds`` pass without a heartbeat."""
-
-    id: str
-    job_id: str
-    cache_id: str
-    shard: int
-    start: int
-    end: int
-    lease_seconds: float
-    spec: dict[str, Any]
-    cache_url: str
-    attempt: int = 1
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Lease:
-        return cls(
-            id=str(d["id"]),
-            job_id=str(d["job_id"]),
-            cache_id=str(d["cache_id"]),
-            shard=int(d["shard"]),
-            start=int(d["start"]),
-            end=int(d["end"]),
-            lease_seconds=float(d.get("lease_seconds") or 120.0),
-            spec=dict(d["spec"]),
-            cache_url=str(d["cache_url"]),
-            attempt=int(d.get("attempt") or 1),
-        )
 
 
 @dataclass
@@ -100,66 +74,10 @@ class _ShardAbandoned(Exception):
     """Private signal: stop computing this shard (lease lost, job cancelled or worker aborting)."""
 
 
-class _Service:
-    """The few REST calls a worker makes; retries connection errors and 5xx for ``retry_for`` s."""
-
-    def __init__(self, server: str, token: str | None, retry_for: float) -> None:
-        self.server = server.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=30.0)
-        self.retry_for = retry_for
-
-    def post(
-        self, path: str, body: dict[str, Any] | None = None, retry: bool = True
-    ) -> httpx.Response:
-        deadline, delay = time.monotonic() + (self.retry_for if retry else 0.0), 0.5
-        while True:
-            try:
-                resp = self.http.post(path, json=body)
-            except httpx.TransportError as err:
-                if time.monotonic() + delay > deadline:
-                    raise ServiceError(
-                        f"cannot reach {self.server}: {type(err).__name__}: {err}",
-                        status=0,
-                        code="unreachable",
-                    ) from None
-                log.warning("POST %s: %s; retrying in %.1fs", path, err, delay)
-            else:
-                if resp.status_code in (401, 403):
-                    raise ServiceError(
-                        f"{self.server} refused the worker ({resp.status_code}): set "
-                        "KDCACHE_TOKEN (or --token) to the service's worker token",
-                        status=resp.status_code,
-                        code=_error_code(resp),
-                    )
-                if resp.status_code not in _RETRY_STATUS or time.monotonic() + delay > deadline:
-                    return resp
-                log.warning("POST %s: HTTP %d; retrying in %.1fs", path, resp.status_code, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-    def close(self) -> None:
-        self.http.close()
-
-
-def _error_code(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return f"http_{resp.status_code}"
-
-
-def _says_cancelled(resp: httpx.Response) -> bool:
-    try:
-        return bool(resp.json().get("cancelled"))
-    except (ValueError, AttributeError):
-        return False
-
-
 class _Heartbeat(threading.Thread):
     """Extends a lease every ``lease_seconds / 3``; sets ``lost`` (the error code) when refused."""
 
-    def __init__(self, service: _Service, lease: Lease) -> None:
+    def __init__(self, service: ServiceLink, lease: Lease) -> None:
         super().__init__(name=f"kdcache-heartbeat-{lease.shard}", daemon=True)
         self.service, self.lease = service, lease
         self.lost: str | None = None
@@ -178,15 +96,17 @@ class _Heartbeat(threading.Thread):
             return False
         try:
             resp = self.service.post(f"/v1/leases/{self.lease.id}/heartbeat", retry=False)
-        except ServiceError as err:  # the next beat tries again; the deadline decides
-            log.warning("heartbeat of shard %d failed: %s", self.lease.shard, err)
-            return True
-        if resp.status_code == 409 or (resp.is_success and _says_cancelled(resp)):
-            self.lost = _error_code(resp) if resp.status_code == 409 else "job_cancelled"
+        except Conflict as err:
+            self.lost = err.code
             self.lost_event.set()
             return False
-        if not resp.is_success:
-            log.warning("heartbeat of shard %d: HTTP %d", self.lease.shard, resp.status_code)
+        except ServiceError as err:  # the next beat tries again; the service decides
+            log.warning("heartbeat of shard %d failed: %s", self.lease.shard, err)
+            return True
+        if bool(resp.json().get("cancelled")):
+            self.lost = "job_cancelled"
+            self.lost_event.set()
+            return False
         return True
 
     def stop(self) -> None:
@@ -277,7 +197,7 @@ def _compute_and_write(
     return runner.write(lease.shard, data, commit=False)
 
 
-def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Event) -> str:
+def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.Event) -> str:
     """Run one lease to its end; returns completed | failed | abandoned | released."""
     beat = _Heartbeat(service, lease)
     beat.start()
@@ -310,18 +230,20 @@ def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Eve
                 "release": True,
             }
             log.warning("releasing shard %d of job %s", lease.shard, lease.job_id)
-        resp = service.post(f"/v1/leases/{lease.id}/fail", fail)
-        if not resp.is_success:
-            log.warning("fail of shard %d: HTTP %d %s", lease.shard, resp.status_code, resp.text)
+        try:
+            service.post(f"/v1/leases/{lease.id}/fail", json=fail)
+        except ServiceError as err:
+            log.warning("fail of shard %d: %s", lease.shard, err)
         return outcome
-    resp = service.post(f"/v1/leases/{lease.id}/complete", {"record": asdict(record)})
-    if resp.status_code == 409:
-        log.warning(
-            "shard %d of job %s: %s at complete", lease.shard, lease.job_id, _error_code(resp)
-        )
+    # Retried for as long as the link's policy says (default: until the service is back): the
+    # shard is written, only its completion is missing.
+    try:
+        service.post(f"/v1/leases/{lease.id}/complete", json={"record": asdict(record)})
+    except Conflict as err:
+        log.warning("shard %d of job %s: %s at complete", lease.shard, lease.job_id, err.code)
         return "abandoned"
-    if not resp.is_success:
-        log.error("complete of shard %d: HTTP %d %s", lease.shard, resp.status_code, resp.text)
+    except ServiceError as err:
+        log.error("complete of shard %d: %s", lease.shard, err)
         return "failed"
     seconds = time.perf_counter() - t0
     log.info(
@@ -335,17 +257,25 @@ def _work(service: _Service, jobs: _JobCache, lease: Lease, abort: threading.Eve
     return "completed"
 
 
-def _claim(service: _Service, worker_id: str, job_id: str | None) -> Lease | None:
-    resp = service.post("/v1/leases", {"worker": worker_id, "job_id": job_id})
+def _claim(
+    service: ServiceLink, worker_id: str, job_id: str | None, stop: threading.Event
+) -> Lease | None:
+    """The next lease, None when there is no work; a stopping worker stops waiting for the
+    service."""
+    try:
+        resp = service.post(
+            "/v1/leases", json={"worker": worker_id, "job_id": job_id}, interrupt=[stop]
+        )
+    except (Unauthorized, Forbidden) as err:
+        raise type(err)(
+            f"{service.server} refused the worker ({err.status}): set KDCACHE_TOKEN (or "
+            "--token) to the service's worker token",
+            code=err.code,
+            body=err.body,
+        ) from None
     if resp.status_code == 204:
         return None
-    if not resp.is_success:
-        raise ServiceError(
-            f"POST /v1/leases: HTTP {resp.status_code} {resp.text[:300]}",
-            status=resp.status_code,
-            code=_error_code(resp),
-        )
-    return Lease.from_dict(resp.json())
+    return Lease.model_validate(resp.json())
 
 
 def run_worker(
@@ -361,20 +291,22 @@ def run_worker(
     once: bool = False,
     stop_event: threading.Event | None = None,
     abort_event: threading.Event | None = None,
-    retry_for: float = 60.0,
+    retry_for: float | None = None,
 ) -> WorkerStats:
     """Claim and run shards until stopped, idle for ``max_idle`` s, or (``once``) one lease.
 
     ``device`` overrides the spec's teacher device (one worker per GPU: ``cuda:N``);
     ``root_override`` writes to ``<root>/caches/<cache_id>`` instead of the lease's cache URL
-    (the same storage mounted elsewhere). Raises :class:`ServiceError` when the service stays
-    unreachable for ``retry_for`` seconds or refuses the token.
+    (the same storage mounted elsewhere). While the service is away (restarting, unreachable,
+    answering 5xx) every call is retried with backoff for ``retry_for`` seconds (None: for as
+    long as it takes; a computed shard waits to be completed). Raises :class:`ServiceError`
+    when that runs out, or when the service refuses the token.
     """
     stop = stop_event or threading.Event()
     abort = abort_event or threading.Event()
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{device or 'auto'}"
     stats = WorkerStats()
-    service = _Service(server, token, retry_for)
+    service = ServiceLink(server, token, retry=RetryPolicy(seconds=retry_for), interrupt=[abort])
     jobs = _JobCache(device, root_override)
     idle_since = time.monotonic()
     log.info("worker %s polling %s", worker_id, service.server)
@@ -383,7 +315,13 @@ def run_worker(
             if abort.is_set() or stop.is_set():
                 stats.exit_reason = "stopped"
                 break
-            lease = _claim(service, worker_id, job_id)
+            try:
+                lease = _claim(service, worker_id, job_id, stop)
+            except ServiceError:
+                if stop.is_set() or abort.is_set():  # told to stop while the service was away
+                    stats.exit_reason = "stopped"
+                    break
+                raise
             if lease is None:
                 idle = time.monotonic() - idle_since
                 if once or (max_idle is not None and idle >= max_idle):

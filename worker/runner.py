@@ -22,6 +22,7 @@ import numpy as np
 
 from kdcache.core.errors import Problem, SpecError
 from kdcache.core.format import Manifest, index_dtype
+from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
@@ -35,19 +36,12 @@ __all__ = [
     "PreparedJob",
     "ShardRunner",
     "build_manifest",
-    "cache_url",
     "completed_cache",
     "prepare_job",
     "run_job",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def cache_url(root: str | os.PathLike[str], cache_id: str) -> str:
-    """Where a cache lives under a storage root: ``<root>/caches/<cache_id>``."""
-    r = str(root).rstrip("/")
-    return f"{r}/caches/{cache_id}" if "://" in r else str(Path(r).absolute() / "caches" / cache_id)
 
 
 def build_manifest(
@@ -188,9 +182,9 @@ def open_writer(
     """Create (or reopen) the cache of ``job`` under ``root`` and record its job spec there."""
     url = cache_url(root, job.manifest.cache_id)
     writer = CacheWriter.open(url, job.manifest, storage_options)
-    if not writer.storage.exists("_kdcache/job.json"):
+    if not writer.storage.exists(JOB_SPEC_KEY):
         writer.storage.write_bytes(
-            "_kdcache/job.json", json.dumps(job.plan.spec.model_dump(), indent=1).encode()
+            JOB_SPEC_KEY, json.dumps(job.plan.spec.model_dump(), indent=1).encode()
         )
     return writer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdcache.service.schemas import ErrorBody
+from kdcache.core.wire import ErrorBody
 
 __all__ = ["error_responses"]
 

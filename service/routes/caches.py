@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 
+from kdcache.core.errors import NotFound
+from kdcache.core.wire import CacheDetail, CacheList
 from kdcache.service.auth import ReadAuth
 from kdcache.service.deps import FilesDep, StoreDep
-from kdcache.service.errors import NotFound
 from kdcache.service.files import valid_cache_id
 from kdcache.service.routes._common import error_responses
-from kdcache.service.schemas import CacheDetail, CacheList
 from kdcache.service.serve import store_response
 
 __all__ = ["router"]

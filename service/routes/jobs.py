@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
 
+from kdcache.core.wire import Job, JobList, JobStatus
 from kdcache.service.auth import AdminAuth, ReadAuth
 from kdcache.service.deps import StoreDep
 from kdcache.service.routes._common import error_responses
-from kdcache.service.schemas import Job, JobList, JobStatus
 from kdcache.service.submit import plan_submission
 
 __all__ = ["router"]

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from kdcache.service.auth import WorkerAuth
-from kdcache.service.deps import StoreDep
-from kdcache.service.routes._common import error_responses
-from kdcache.service.schemas import (
+from kdcache.core.wire import (
     CompleteRequest,
     FailRequest,
     Heartbeat,
@@ -15,6 +12,9 @@ from kdcache.service.schemas import (
     Lease,
     LeaseRequest,
 )
+from kdcache.service.auth import WorkerAuth
+from kdcache.service.deps import StoreDep
+from kdcache.service.routes._common import error_responses
 
 __all__ = ["router"]
 

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
+from kdcache.core.wire import Health
 from kdcache.service.deps import StoreDep
 from kdcache.service.metrics import CONTENT_TYPE, RequestHistogram, render_metrics
-from kdcache.service.schemas import Health
 
 __all__ = ["router"]
 

@@ -18,8 +18,9 @@ from test_dataset_support import CacheFactory, global_sequence, rank_batches
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 
-from kdcache.client._remote import DiskCachedStore, is_transient, retry_call
+from kdcache.client._remote import DiskCachedStore, retry_call
 from kdcache.client.dataset import CacheDataset
+from kdcache.core.retry import is_transient
 
 FIELDS = ["input_ids", "topk", "hidden_2"]
 

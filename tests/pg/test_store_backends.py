@@ -19,11 +19,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from kdcache.core.shards import RECORDS_PREFIX, ShardRecord, list_records, record_key
+from kdcache.core.errors import SchemaVersionError
+from kdcache.core.layout import RECORDS_PREFIX, record_key
+from kdcache.core.shards import ShardRecord, list_records
 from kdcache.core.storage import open_storage
 from kdcache.service import Settings, create_app
 from kdcache.service.db import SCHEMA_VERSION, init_schema, make_engine
-from kdcache.service.errors import SchemaVersionError
 from kdcache.worker import toy
 
 ADMIN, WORKER = "admin-secret", "worker-secret"

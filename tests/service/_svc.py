@@ -18,7 +18,8 @@ import httpx
 from _net import serve  # noqa: F401  # re-exported to the service tests
 from fastapi.testclient import TestClient
 
-from kdcache.core.shards import RECORDS_PREFIX, ShardRecord
+from kdcache.core.layout import RECORDS_PREFIX
+from kdcache.core.shards import ShardRecord
 from kdcache.service import Settings
 
 ADMIN, WORKER, READ = "admin-secret", "worker-secret", "read-secret"

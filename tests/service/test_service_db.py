@@ -12,11 +12,11 @@ import pytest
 from _svc import ADMIN_H, PG_ENV, WORKER_H, fresh_postgres_url, make_settings
 from fastapi.testclient import TestClient
 
+from kdcache.core.errors import SchemaVersionError
 from kdcache.core.resolve import resolve_job
 from kdcache.core.spec import parse_spec
 from kdcache.service import create_app
 from kdcache.service.db import SCHEMA_VERSION
-from kdcache.service.errors import SchemaVersionError
 from kdcache.service.store import JobStore
 
 

@@ -11,7 +11,7 @@ import pytest
 from _svc import ADMIN_H, WORKER_H, BuiltCache, claim, make_settings, record_body
 from fastapi.testclient import TestClient
 
-from kdcache.core.shards import record_key
+from kdcache.core.layout import record_key
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_complete_marks_done_and_publishes_the_record(
         ({"start": 1}, "record.start"),
         ({"end": 3}, "record.end"),
         ({"shard": 1}, "record.shard"),
-        ({"checksums": {"input_ids": "00"}}, "record.checksums"),
+        ({"checksums": {"input_ids": "0" * 64}}, "record.checksums"),
     ],
 )
 def test_complete_rejects_a_record_that_disagrees(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdcache.service.errors import RangeNotSatisfiable
+from kdcache.core.errors import RangeNotSatisfiable
 from kdcache.service.ranges import MAX_RANGE_HEADER, ByteRange, parse_range
 
 

@@ -14,7 +14,7 @@ import zarr
 import zarr.storage
 from _svc import ADMIN_H, BuiltCache, make_settings, serve
 
-from kdcache.core.shards import record_key
+from kdcache.core.layout import record_key
 from kdcache.service import create_app
 
 

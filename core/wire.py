@@ -1,4 +1,15 @@
-"""Request and response bodies of the REST API (v1); see docs/rest-api.md."""
+"""The REST API's wire models (v1), defined once: the service answers with them, the worker and
+the client read them. See docs/rest-api.md.
+
+Job states::
+
+    pending -> running -> done
+          \\         \\-> failed      (a shard failed for good, or too often)
+           \\-------------> cancelled (POST /v1/jobs/{id}/cancel)
+
+``ACTIVE`` states still lease shards; ``LIVE`` states are what a resubmission of the same cache
+returns instead of making a new job; ``TERMINAL`` states never change again.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +18,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdcache.core.errors import Problem
+from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
 
 __all__ = [
+    "ACTIVE_JOB_STATES",
+    "JOB_STATES",
+    "LIVE_JOB_STATES",
+    "TERMINAL_JOB_STATES",
     "CacheDetail",
     "CacheList",
     "CacheSummary",
@@ -25,24 +42,27 @@ __all__ = [
     "Lease",
     "LeaseRequest",
     "Problem",
-    "RecordIn",
+    "ShardRecord",
 ]
 
 JobStatus = Literal["pending", "running", "done", "failed", "cancelled"]
+JOB_STATES: tuple[JobStatus, ...] = ("pending", "running", "done", "failed", "cancelled")
+ACTIVE_JOB_STATES: tuple[JobStatus, ...] = ("pending", "running")
+LIVE_JOB_STATES: tuple[JobStatus, ...] = ("pending", "running", "done")
+TERMINAL_JOB_STATES: tuple[JobStatus, ...] = ("done", "failed", "cancelled")
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Problem(BaseModel):
-    """One problem with a request, naming its field (``outputs.topk``)."""
+class _Out(BaseModel):
+    """Answers: unknown fields from a newer service are ignored by older readers."""
 
-    field: str
-    message: str
+    model_config = ConfigDict(extra="ignore")
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(_Out):
     """What went wrong: a machine-readable ``code`` and a message for people."""
 
     code: str
@@ -51,13 +71,13 @@ class ErrorDetail(BaseModel):
     problems: list[Problem] | None = None
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(_Out):
     """The body of every error response."""
 
     error: ErrorDetail
 
 
-class Job(BaseModel):
+class Job(_Out):
     """A job and its progress. Rates are over shards completed since the job started running."""
 
     id: str
@@ -78,7 +98,7 @@ class Job(BaseModel):
     updated_at: datetime
 
 
-class JobList(BaseModel):
+class JobList(_Out):
     jobs: list[Job]
 
 
@@ -89,7 +109,7 @@ class LeaseRequest(_In):
     job_id: str | None = Field(None, max_length=64)
 
 
-class Lease(BaseModel):
+class Lease(_Out):
     """One shard to compute and write, owned by the caller until ``deadline``."""
 
     id: str
@@ -105,25 +125,13 @@ class Lease(BaseModel):
     attempt: int = Field(description="1 for the first try of this shard")
 
 
-class Heartbeat(BaseModel):
+class Heartbeat(_Out):
     deadline: float
     cancelled: bool = False
 
 
-class RecordIn(_In):
-    """A shard completion record (kdcache.core.shards.ShardRecord)."""
-
-    shard: int = Field(ge=0)
-    start: int = Field(ge=0)
-    end: int = Field(ge=0)
-    checksums: dict[str, str] = Field(description="array name -> SHA-256 of its shard rows")
-    tokens: int = Field(0, ge=0)
-    seconds: float = Field(0.0, ge=0)
-    writer: dict[str, Any] = Field(default_factory=dict)
-
-
 class CompleteRequest(_In):
-    record: RecordIn
+    record: ShardRecord
 
 
 class FailRequest(_In):
@@ -135,7 +143,7 @@ class FailRequest(_In):
     )
 
 
-class CacheSummary(BaseModel):
+class CacheSummary(_Out):
     cache_id: str
     name: str
     job_id: str
@@ -146,11 +154,11 @@ class CacheSummary(BaseModel):
     num_rows: int
 
 
-class CacheList(BaseModel):
+class CacheList(_Out):
     caches: list[CacheSummary]
 
 
-class CacheDetail(BaseModel):
+class CacheDetail(_Out):
     """A cache's manifest and completed shards (what kdcache.client reads over HTTP)."""
 
     cache_id: str
@@ -161,6 +169,6 @@ class CacheDetail(BaseModel):
     completed: list[dict[str, Any]] = Field(description="completion records, by shard")
 
 
-class Health(BaseModel):
+class Health(_Out):
     status: str
     db: str
