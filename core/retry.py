@@ -114,6 +114,7 @@ class RetryPolicy:
 
     async def acall(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
         """The async twin of :meth:`call`."""
+
         async def attempt() -> T:
             return await fn()
 
