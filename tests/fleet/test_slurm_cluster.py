@@ -2,9 +2,10 @@
 
 ``make test-slurm`` (scripts/test_slurm.sh) installs and starts the cluster, points
 ``KDCACHE_TEST_SLURM_CONF`` at its slurm.conf and runs this module; elsewhere it is skipped.
-A job of the slow teacher runs on an array of two CPU workers; one array task is cancelled with
-``scancel`` while it holds a shard; the job still finishes, and the cache equals the embedded
-run byte for byte.
+A job of the slow teacher runs on an array of two CPU workers; one array task is requeued with
+``scontrol requeue`` (what a preemption in REQUEUE mode does: SIGTERM, back in the queue, started
+again), the other is cancelled with ``scancel`` while it holds a shard; the job still finishes,
+and the cache equals the embedded run byte for byte.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ def _log(log_dir: Path, array_id: str, task: int) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_array_of_workers_survives_scancel(
+def _holds_a_shard(text: str) -> bool:
+    return text.count("leased shard") > text.count("completed shard")
+
+
+def test_array_of_workers_survives_requeue_and_scancel(
     fleet_factory: Callable[..., Fleet], tmp_path: Path
 ) -> None:
+    """Both tasks compute; task 0 is requeued (SIGTERM, back in the queue), task 1 scancelled
+    while it holds a shard; task 0 starts again and finishes the job alone."""
     fleet = fleet_factory(sleep=0.5)
     fleet.env["SLURM_CONF"] = SLURM_CONF
     tokens = toy.make_tokens(tmp_path / "tokens.npy", 24, 8, 64, seed=3)
@@ -71,39 +78,48 @@ def test_array_of_workers_survives_scancel(
     assert array_id, res.stdout
     array = array_id.group(1)
 
+    def log(task: int) -> str:
+        return _log(log_dir, array, task)
+
     def logs() -> str:
-        return "\n".join(f"--- task {t}\n{_log(log_dir, array, t)[-3000:]}" for t in (0, 1))
+        return "\n".join(f"--- task {t}\n{log(t)[-3000:]}" for t in (0, 1)) + fleet.all_logs()
 
-    def task1_holds_a_shard() -> bool:
-        text = _log(log_dir, array, 1)
-        return text.count("leased shard") > text.count("completed shard")
-
-    # Cancel task 1 while it computes a shard, with shards left for task 0.
     wait_for(
-        task1_holds_a_shard,
+        lambda: _holds_a_shard(log(0)) and _holds_a_shard(log(1)),
         180,
-        "array task 1 to hold a shard",
-        lambda: logs() + fleet.all_logs(),
+        "both array tasks to hold a shard",
+        logs,
     )
-    assert fleet.job(job_id)["shards_done"] < 12
+    assert fleet.job(job_id)["shards_done"] < 6
+    # Task 0 is requeued as a preemption in REQUEUE mode does it: SIGTERM to the batch shell,
+    # back to the queue, started again later (--requeue makes that allowed).
+    _slurm("scontrol", "requeue", f"{array}_0")
+    wait_for(lambda: "worker done (stopped)" in log(0), 60, "the requeued worker to stop", logs)
+    wait_for(lambda: _holds_a_shard(log(1)), 60, "task 1 to hold a shard", logs)
     _slurm("scancel", f"{array}_1")
+    # Slurm holds a requeued job back for two minutes; the admin may let it start now
+    wait_for(lambda: _tasks(array).get("0") == "PENDING", 60, "task 0 pending again", logs)
+    _slurm("scontrol", "update", f"JobId={array}_0", "StartTime=now")
 
-    job = fleet.wait_job(job_id, timeout=240)
+    job = fleet.wait_job(job_id, timeout=300)
     wait_for(lambda: not _tasks(array), 120, "the array to end", logs)
 
-    cancelled = _log(log_dir, array, 1)
-    # exec + Slurm's SIGTERM reached the worker, which handed its shard back
-    assert "SIGTERM: releasing the current shard" in cancelled, logs()
+    text = log(0)
+    # --requeue, exec and Slurm's SIGTERM: the worker stopped, and a new one took over
+    assert "SIGTERM: releasing the current shard" in text, logs()
+    first, again = text.split("DUE TO JOB REQUEUE", 1)
+    assert "restart 0)" in first and "restart 1)" in again, logs()
+    assert re.search(r"worker done \(idle\): [1-9]\d* shards completed", again), logs()
+    cancelled = log(1)
     released = r"worker done \(stopped\): \d+ shards completed, 0 failed, 0 abandoned, 1 released"
-    assert re.search(released, cancelled), logs()
-    assert "CANCELLED" in cancelled, logs()
-    assert re.search(r"worker done \(idle\): \d+ shards completed", _log(log_dir, array, 0)), logs()
+    assert re.search(released, cancelled) and "CANCELLED" in cancelled, logs()
+    assert "restart 1)" not in cancelled  # scancel is final: no requeue
     assert job["shards_done"] == 12 and job["rows_done"] == 24
 
     # the same spec again: the job is found done, and no more workers are submitted
-    again = fleet.cli("slurm", str(job_file), "--server", fleet.url, "--gpus", "2", "--cpu")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"job {job_id} is done: no workers submitted" in again.stdout
+    again_res = fleet.cli("slurm", str(job_file), "--server", fleet.url, "--gpus", "2", "--cpu")
+    assert again_res.returncode == 0, again_res.stdout + again_res.stderr
+    assert f"job {job_id} is done: no workers submitted" in again_res.stdout
     assert _slurm("squeue", "-h").strip() == ""
 
     got = str(fleet.root / "caches" / job["cache_id"])
