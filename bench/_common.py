@@ -46,3 +46,27 @@ def timed(fn: Callable[[], object], device: torch.device | None = None) -> float
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> tuple[float, int]:
+    """(seconds, peak bytes above the start) of ``fn()``: GPU memory allocated by torch on CUDA,
+    else the process's resident set (the kernel's high-water mark, reset before ``fn``)."""
+    if device is not None and device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        seconds = timed(fn, device)
+        return seconds, torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
+        f.write("5")
+    base = _rss_kib("VmRSS")
+    seconds = timed(fn)
+    return seconds, (_rss_kib("VmHWM") - base) * 1024

@@ -7,6 +7,11 @@ small random Llama. Both sides reuse one loaded model: the job is prepared once
 alternated ``--reps`` times and the medians compared (the ratio of the fastest runs is
 printed too: on a shared machine it is the steadier number). The aim is a ratio <= 1.15.
 
+A second configuration, a vocab-131,072 teacher (d=64, 2 layers, T=256, batch 8; ``--mem-*``),
+shows memory: the peak resident memory above the start of a bare forward of the model body (last
+hidden state only), of a full forward (logits), and of the kdcache pass, against one batch's
+float32 logits. The fused LM head's aim: the pass's peak above the body's is <= 25% of those.
+
 ``--breakdown`` also times the parts of the job on their own (teacher forward with hooks, top-k /
 log-sum-exp extraction, shard writes); ``--profile`` prints cProfile's top functions of one
 ``run_job`` (main thread only: the shard writer runs on a thread of its own).
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from _common import teacher_pass_spec, timed
+from _common import peak_memory, teacher_pass_spec, timed
 
 if TYPE_CHECKING:
     from kdcache.core.spec import JobSpec
@@ -51,9 +56,87 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--rows-per-shard", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--mem-vocab", type=int, default=131_072, help="0 skips the memory config")
+    p.add_argument("--mem-dim", type=int, default=64)
+    p.add_argument("--mem-rows", type=int, default=16)
     p.add_argument("--breakdown", action="store_true", help="time the job's parts on their own")
     p.add_argument("--profile", action="store_true", help="cProfile one run_job")
     return p.parse_args()
+
+
+def memory_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The memory configuration: the large-vocab teacher of issue 10's measurements."""
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "vocab": args.mem_vocab,
+            "dim": args.mem_dim,
+            "layers": 2,
+            "rows": args.mem_rows,
+            "rows_per_shard": args.mem_rows,
+        }
+    )
+
+
+def memory_config(args: argparse.Namespace, work: Path) -> None:
+    """Peak memory of a body forward, a full forward and the kdcache pass, side by side."""
+    from kdcache.worker.runner import run_job
+
+    margs = memory_args(args)
+    work.mkdir(parents=True, exist_ok=True)
+    spec, job = make_job(margs, work)
+    model: Any = job.teacher.model
+    ids = np.load(work / "tokens.npy")
+    batches = [
+        torch.from_numpy(ids[i : i + args.batch]).long() for i in range(0, len(ids), args.batch)
+    ]
+    roots = iter(range(10**6))
+
+    def body() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                model.base_model(input_ids=x, use_cache=False)
+
+    def full() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                model(input_ids=x, use_cache=False)
+
+    def job_pass() -> None:
+        run_job(spec, work / f"mroot{next(roots)}", job=job)
+
+    for fn in (body, full, job_pass):
+        fn()  # warm-up: allocator pools and lazy imports are not the pass's memory
+    logits = args.batch * args.seq_len * margs.vocab * 4
+    tokens = margs.rows * args.seq_len
+    fused = getattr(job.teacher, "head", None) is not None
+    print(
+        f"\nmemory: Llama d={margs.dim}, 2 layers, vocab {margs.vocab}; {margs.rows} rows x "
+        f"{args.seq_len}, batch {args.batch}; one batch's float32 logits "
+        f"{logits / 2**30:.2f} GiB; fused head: {fused}"
+    )
+    results = {}
+
+    def unfused() -> None:  # the path of teachers without a linear head (and of kdcache <= 0.1)
+        head, job.teacher.head = job.teacher.head, None  # type: ignore[attr-defined]
+        try:
+            job_pass()
+        finally:
+            job.teacher.head = head  # type: ignore[attr-defined]
+
+    runs = [("bare body forward", body), ("bare full forward", full), ("kdcache job", job_pass)]
+    if fused:
+        runs.append(("kdcache job unfused", unfused))
+    for name, fn in runs:
+        sec, peak = peak_memory(fn)
+        peak = max(0, peak)  # a body forward may fit in memory freed earlier
+        results[name] = peak
+        print(f"  {name:<19} peak +{peak / 2**30:6.3f} GiB  {tokens / sec:10,.0f} tokens/s")
+    extra = results["kdcache job"] - results["bare body forward"]
+    print(
+        f"  job peak above the body forward: {extra / 2**30:.3f} GiB = {extra / logits:.1%} of one "
+        f"batch's float32 logits (aim <= 25%)"
+    )
 
 
 def make_job(args: argparse.Namespace, work: Path) -> tuple[JobSpec, PreparedJob]:
@@ -121,6 +204,9 @@ def main() -> int:
         print(f"kdcache job    {mj:7.3f} s  ({tokens / mj:,.0f} tokens/s)  runs {fmt(t_job)}")
         best = min(t_job) / min(t_bare)  # steadier than medians on a busy machine
         print(f"ratio          {mj / mb:7.3f}  (medians; aim <= 1.15)  best-of ratio {best:.3f}")
+
+        if args.mem_vocab:
+            memory_config(args, work / "memory")
 
         if args.breakdown:
             m = job.manifest
