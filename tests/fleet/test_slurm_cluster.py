@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _holds_a_shard(text: str) -> bool:
 
 
 def test_array_of_workers_survives_requeue_and_scancel(
-    fleet_factory: Callable[..., Fleet], tmp_path: Path
+    fleet_factory: Callable[..., Fleet], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Both tasks compute; task 0 is requeued (SIGTERM, back in the queue), task 1 scancelled
     while it holds a shard; task 0 starts again and finishes the job alone."""
@@ -68,15 +69,24 @@ def test_array_of_workers_survives_requeue_and_scancel(
     job_file.write_text(yaml.safe_dump(spec))
     log_dir = tmp_path / "slurm-logs"
 
-    res = fleet.cli(
-        "slurm", str(job_file), "--server", fleet.url, "--gpus", "2", "--cpu",
-        "--cpus-per-task", "1", "--max-idle", "5", "--log-dir", str(log_dir),
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-    job_id = res.stdout.split("job ", 1)[1].split()[0]
-    array_id = re.search(r"submitted Slurm array (\d+): 2 CPU workers", res.stdout)
-    assert array_id, res.stdout
-    array = array_id.group(1)
+    # --wait: the command stays to show progress until the job ends, then prints the cache URL
+    out_file = tmp_path / "kdcache-slurm.out"
+    with open(out_file, "wb") as out:
+        submitter = subprocess.Popen(
+            [sys.executable, "-m", "kdcache.cli", "slurm", str(job_file), "--server", fleet.url,
+             "--gpus", "2", "--cpu", "--cpus-per-task", "1", "--max-idle", "5",
+             "--log-dir", str(log_dir), "--wait", "--timeout", "600"],
+            env=fleet.env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    request.addfinalizer(submitter.kill)
+    submitted = wait_for(
+        lambda: re.search(r"submitted Slurm array (\d+): 2 CPU workers", out_file.read_text()),
+        60,
+        "kdcache slurm to submit the array",
+        lambda: out_file.read_text() + fleet.all_logs(),
+    )
+    array = submitted.group(1)
+    job_id = out_file.read_text().split("job ", 1)[1].split()[0]
 
     def log(task: int) -> str:
         return _log(log_dir, array, task)
@@ -101,7 +111,11 @@ def test_array_of_workers_survives_requeue_and_scancel(
     wait_for(lambda: _tasks(array).get("0") == "PENDING", 60, "task 0 pending again", logs)
     _slurm("scontrol", "update", f"JobId={array}_0", "StartTime=now")
 
-    job = fleet.wait_job(job_id, timeout=300)
+    assert submitter.wait(timeout=300) == 0, out_file.read_text() + logs()
+    printed = out_file.read_text().strip().splitlines()
+    assert any("done, 24/24 rows" in line for line in printed), printed
+    job = fleet.wait_job(job_id, timeout=10)
+    assert printed[-1] == fleet.cache_url(job["cache_id"])
     wait_for(lambda: not _tasks(array), 120, "the array to end", logs)
 
     text = log(0)
