@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 # Set TORCH_INDEX (e.g. https://download.pytorch.org/whl/cu128) to pick a CUDA build.
 TORCH_INDEX ?=
-EXTRAS ?= worker,service,client,s3,dev
+EXTRAS ?= worker,service,client,hf,s3,dev
 STAMP := $(VENV)/.kdcache-installed
 PYTEST_ARGS ?=
 

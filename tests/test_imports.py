@@ -27,6 +27,13 @@ def test_client_imports_no_fastapi_or_transformers() -> None:
     assert "torch" in mods  # sanity: the probe really imported the client
 
 
+def test_client_hf_is_imported_on_demand() -> None:
+    pytest.importorskip("accelerate")
+    mods = _modules_after("from kdcache.client.hf import KDConfig, KDTrainer")
+    assert "transformers" in _top(mods) and "fastapi" not in _top(mods)
+    assert not {m for m in mods if m.startswith(("kdcache.worker", "kdcache.service"))}
+
+
 def test_core_imports_no_heavy_component() -> None:
     mods = _modules_after("import kdcache.core")
     assert not _top(mods) & {"torch", "fastapi", "transformers", "uvicorn"}
