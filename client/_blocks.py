@@ -19,6 +19,7 @@ import zarr
 from kdcache.client._fields import to_tensors
 from kdcache.client._shardread import FastLayout, Task
 from kdcache.core.format import Manifest
+from kdcache.core.reader import corrupt_as_integrity_error
 
 __all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "read_rows"]
 
@@ -60,7 +61,10 @@ def read_rows(
             ids = run[piece : piece + max_chunks]
             lo, hi = int(ids[0]) * per_chunk, min((int(ids[-1]) + 1) * per_chunk, n)
             i0, i1 = np.searchsorted(rows, [lo, hi])
-            block = np.asarray(arr[lo:hi, crop] if seq_len is not None else arr[lo:hi])
+            per_shard = int((arr.shards or arr.chunks)[0])
+            shards = range(lo // per_shard, (hi - 1) // per_shard + 1)
+            with corrupt_as_integrity_error(str(arr.store_path), arr.path, shards):
+                block = np.asarray(arr[lo:hi, crop] if seq_len is not None else arr[lo:hi])
             if i1 - i0 == hi - lo:
                 out[i0:i1] = block
             else:

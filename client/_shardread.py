@@ -42,6 +42,7 @@ class FastLayout:
     inner: tuple[int, ...]
     dtype: np.dtype[Any]
     fill: Any
+    crc: bool = False  # inner chunks end in a CRC-32C (caches written since issue 11)
 
     @classmethod
     def of(cls, arr: zarr.Array) -> FastLayout | None:
@@ -52,10 +53,13 @@ class FastLayout:
         sharding = m.codecs[0]  # type: ignore[union-attr]
         if not isinstance(sharding, ShardingCodec):
             return None
+        inner = sharding.codecs
+        crc = len(inner) == 3 and isinstance(inner[2], Crc32cCodec)
         inner_ok = (
-            len(sharding.codecs) == 2
-            and isinstance(sharding.codecs[0], BytesCodec)
-            and isinstance(sharding.codecs[1], BloscCodec)
+            len(inner) in (2, 3)
+            and isinstance(inner[0], BytesCodec)
+            and isinstance(inner[1], BloscCodec)
+            and (len(inner) == 2 or crc)
         )
         index_ok = (
             len(sharding.index_codecs) == 2
@@ -75,6 +79,7 @@ class FastLayout:
             inner=tuple(sharding.chunk_shape),
             dtype=dtype,
             fill=np.asarray(arr.fill_value, dtype=dtype).item(),
+            crc=crc,
         )
 
     def key(self, shard: int) -> str:
@@ -149,14 +154,38 @@ class FastLayout:
                 start, nbytes = (int(v) for v in index[(c, *coords)])
                 tasks.append(
                     self._chunk_task(
-                        path, start, nbytes, (c, *coords), in_chunk, out_rows, out, t_len, rest
+                        path,
+                        shard,
+                        start,
+                        nbytes,
+                        (c, *coords),
+                        in_chunk,
+                        out_rows,
+                        out,
+                        t_len,
+                        rest,
                     )
                 )
         return tasks
 
+    def _decode(self, raw: bytes, shard: int, coords: tuple[int, ...]) -> np.ndarray:
+        """One inner chunk's values; IntegrityError naming the shard when its bytes are corrupt."""
+        where = f"{self.path}: chunk {coords} of shard {shard} ({self.key(shard)})"
+        if self.crc:
+            body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
+            if len(raw) < 4 or google_crc32c.value(body) != crc:
+                raise IntegrityError(f"{where}: CRC-32C mismatch; the stored bytes are corrupt")
+            raw = body
+        try:
+            chunk = np.frombuffer(numcodecs.blosc.decompress(raw), dtype=self.dtype)
+            return chunk.reshape(self.inner)
+        except (RuntimeError, ValueError) as err:
+            raise IntegrityError(f"{where}: cannot be decoded ({err}); it is corrupt") from err
+
     def _chunk_task(
         self,
         path: str,
+        shard: int,
         start: int,
         nbytes: int,
         coords: tuple[int, ...],
@@ -185,8 +214,7 @@ class FastLayout:
                 return
             with open(path, "rb") as f:
                 raw = os.pread(f.fileno(), nbytes, start)
-            chunk = np.frombuffer(numcodecs.blosc.decompress(raw), dtype=self.dtype)
-            chunk = chunk.reshape(self.inner)
+            chunk = self._decode(raw, shard, coords)
             if dense:
                 first = int(out_rows[0])
                 out[(slice(first, first + n), *dst)] = chunk[(slice(None), *region)]

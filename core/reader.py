@@ -8,7 +8,8 @@ back as their uint16 bits; ``kdcache.client`` views them as ``torch.bfloat16``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from kdcache.core.errors import (
     CacheFormatError,
     CacheNotFoundError,
     IntegrityError,
+    KDCacheError,
     ShardIncompleteError,
 )
 from kdcache.core.format import MANIFEST_KEY, Manifest
@@ -26,9 +28,27 @@ from kdcache.core.layout import shard_key
 from kdcache.core.shards import ShardRecord, checksum, list_records
 from kdcache.core.storage import Storage, open_storage
 
-__all__ = ["CacheReader", "ShardCheck", "load_manifest"]
+__all__ = ["CacheReader", "ShardCheck", "corrupt_as_integrity_error", "load_manifest"]
 
 Rows = slice | Sequence[int] | np.ndarray
+# What decoding a corrupt chunk raises: zarr's CRC-32C check (ValueError), Blosc (RuntimeError),
+# a garbled shard index or chunk of the wrong size (ValueError, TypeError, IndexError).
+_DECODE_ERRORS = (ValueError, RuntimeError, TypeError, IndexError)
+
+
+@contextmanager
+def corrupt_as_integrity_error(where: str, array: str, shards: Iterable[int]) -> Iterator[None]:
+    """Turn a failure to decode stored chunks into an :class:`IntegrityError` naming the array
+    and the shards read, so a corrupt chunk is never mistaken for a bad argument."""
+    try:
+        yield
+    except KDCacheError:
+        raise
+    except _DECODE_ERRORS as err:
+        raise IntegrityError(
+            f"{where}: {array} of shard(s) {sorted(set(shards))[:8]} cannot be decoded "
+            f"({type(err).__name__}: {err}); the stored bytes are corrupt (kdcache verify)"
+        ) from err
 
 
 def load_manifest(group: zarr.Group, where: str) -> Manifest:
@@ -114,8 +134,10 @@ class CacheReader:
                 f"rows of shard(s) {sorted(missing)[:8]} are not complete yet in {self.url}"
             )
 
-    def _check_present(self, name: str, rows: Rows) -> None:
-        """A completed shard whose object is gone would read as zeros: refuse instead."""
+    def _check_present(self, name: str, rows: Rows) -> list[int]:
+        """A completed shard whose object is gone would read as zeros: refuse instead.
+
+        Returns the shards ``rows`` touch."""
         per, n = self.manifest.rows_per_shard, self.manifest.num_rows
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(n)
@@ -132,14 +154,19 @@ class CacheReader:
                     f"{self.url}: {key} is missing though shard {shard} is recorded complete"
                 )
             self._present.add((name, shard))
+        return list(shards)
 
     def read(self, name: str, rows: Rows) -> np.ndarray:
         """Rows of one array, in the order asked: (len(rows), *row_shape), stored dtype."""
         if name not in self.arrays:
             raise KeyError(f"no array {name!r}; the cache has {sorted(self.arrays)}")
         self._check_rows(rows)
-        self._check_present(name, rows)
-        arr = self.arrays[name]
+        shards = self._check_present(name, rows)
+        with corrupt_as_integrity_error(self.url, name, shards):
+            return self._read(self.arrays[name], rows)
+
+    @staticmethod
+    def _read(arr: zarr.Array, rows: Rows) -> np.ndarray:
         if isinstance(rows, slice):
             return np.asarray(arr[rows])
         idx = np.asarray(rows, dtype=np.int64)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kdcache.core.errors import CacheFormatError, ManifestMismatchError
 from kdcache.core.format import MANIFEST_KEY, ArraySpec, Manifest, plan_chunks
@@ -23,11 +24,21 @@ __all__ = ["CODECS", "CacheWriter"]
 
 log = logging.getLogger(__name__)
 
-CODECS: dict[str, Any] = {"name": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "shuffle"}
+# Each inner chunk is Blosc-compressed, then gets a CRC-32C: a reader decoding a corrupt chunk
+# raises instead of returning wrong numbers (Blosc itself checks nothing). Caches written
+# before the checksum was added keep their codecs (they are read from each array's metadata).
+CODECS: dict[str, Any] = {
+    "name": "blosc",
+    "cname": "zstd",
+    "clevel": 3,
+    "shuffle": "shuffle",
+    "checksum": "crc32c",
+}
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname=CODECS["cname"], clevel=CODECS["clevel"], shuffle=CODECS["shuffle"])
+def _compressors() -> tuple[BloscCodec, Crc32cCodec]:
+    blosc = BloscCodec(cname=CODECS["cname"], clevel=CODECS["clevel"], shuffle=CODECS["shuffle"])
+    return blosc, Crc32cCodec()
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
@@ -43,7 +54,7 @@ def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
         dtype=spec.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=_compressor(),
+        compressors=_compressors(),
         fill_value=0,
         attributes=attrs,
     )
@@ -90,7 +101,9 @@ class CacheWriter:
             if existing is None:
                 raise CacheFormatError(f"{url} is a Zarr group but not a kdcache cache")
             found = Manifest.from_dict(dict(existing))  # type: ignore[arg-type]
-            if found != manifest:
+            # Codecs may differ (an older cache without chunk checksums): the arrays' own
+            # metadata says how to write, so this writer can finish that cache.
+            if replace(found, codecs=manifest.codecs) != manifest:
                 mine, theirs = manifest.to_dict(), found.to_dict()
                 diff = [
                     f"{k}: {theirs[k]!r} there, {mine[k]!r} here"
