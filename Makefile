@@ -11,24 +11,29 @@ EXTRAS ?= worker,service,client,hf,s3,dev
 STAMP := $(VENV)/.kdcache-installed
 PYTEST_ARGS ?=
 
-.PHONY: env test lint typecheck pytest demo bench clean
+.PHONY: env test lint typecheck pytest demo bench clean browser
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "upgrading pip in $(VENV)"
 	@$(PY) -m pip install -q --upgrade pip >/dev/null
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "installing torch==$(TORCH_VERSION) (a large download the first time; pip shows progress)"; \
 	  if [ -n "$(TORCH_INDEX)" ]; then \
-	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)"; \
+	    $(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" --index-url "$(TORCH_INDEX)"; \
 	  elif command -v nvidia-smi >/dev/null 2>&1; then \
-	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	    $(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)"; \
 	  else \
-	    $(PY) -m pip install -q "torch==$(TORCH_VERSION)" \
-	      || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	    $(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" \
+	      || $(PY) -m pip install --progress-bar on "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	  fi; \
 	fi
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@echo "installing kdcache (editable) with extras [$(EXTRAS)] and their dependencies"
+	@# pip's own lines for what it downloads and installs; the already-satisfied ones are dropped
+	set -o pipefail; $(PY) -m pip install --progress-bar on -e ".[$(EXTRAS)]" \
+	  | { grep -v "^Requirement already satisfied" || true; }
 	@touch $(STAMP)
 
 lint: $(STAMP)
@@ -42,8 +47,22 @@ typecheck: $(STAMP)
 	@for d in core worker service client cli; do ln -s ../../../$$d build/mypy/kdcache/$$d; done
 	cd build/mypy && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml kdcache
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The dashboard's tests drive Debian's chromium through chromedriver (selenium); nothing
+# downloads a browser. Installed here when missing (root + apt-get); fatal in CI, else the
+# browser tests skip and say why.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver with apt-get (dashboard browser tests)"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver \
+	      || { echo "apt-get could not install chromium"; [ -z "$$CI" ]; }; \
+	  else \
+	    echo "not root or no apt-get: the browser tests will be skipped"; [ -z "$$CI" ]; \
+	  fi; \
+	fi
 
 test: lint typecheck pytest
 

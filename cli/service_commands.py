@@ -43,6 +43,12 @@ def _service_errors(func: Command) -> Command:
             body = err.body if isinstance(err.body, dict) else {}
             message = str((body.get("error") or {}).get("message") or err)
             print(f"error: {err.code or 'http_' + str(err.status)}: {message}", file=sys.stderr)
+            if err.status in (401, 403):
+                what = "needs" if err.status == 401 else "refused"
+                print(
+                    f"hint: the service {what} a token: set KDCACHE_TOKEN (or pass --token)",
+                    file=sys.stderr,
+                )
             return EXIT_USAGE if err.status == 422 else EXIT_FAILED
 
     return run
@@ -257,6 +263,14 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_service_errors
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job_id)
+    print(f"job {job['id']}: {job['status']}")
+    return EXIT_OK
+
+
 # -- parsers ----------------------------------------------------------------------------------
 
 
@@ -308,3 +322,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _client_flags(jobs)
     jobs.add_argument("--status", choices=JOB_STATES)
     jobs.set_defaults(func=_cmd_jobs)
+
+    cancel = sub.add_parser("cancel", help="cancel a job: no more shards are leased for it")
+    cancel.add_argument("job_id", metavar="JOB", help="job id (see 'kdcache jobs')")
+    _client_flags(cancel)
+    cancel.set_defaults(func=_cmd_cancel)

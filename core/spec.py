@@ -7,6 +7,7 @@ names (teacher config, dataset header). Both report every problem at once, each 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -157,12 +158,31 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "spec"
 
 
-def problems_from_validation(err: ValidationError, prefix: str = "") -> list[Problem]:
-    """Turn pydantic's errors into :class:`Problem` s naming dotted fields."""
+def _did_you_mean(model: Any, loc: tuple[Any, ...]) -> str:
+    """For an unknown key at ``loc``: " (did you mean 'x'?)" naming the closest known field."""
+    for part in loc[:-1]:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return ""
+        model = fields[part].annotation
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
+    if close:
+        return f"unknown field {loc[-1]!r}; did you mean {close[0]!r}?"
+    return f"unknown field {loc[-1]!r}; known fields: {', '.join(known)}" if known else ""
+
+
+def problems_from_validation(
+    err: ValidationError, prefix: str = "", model: Any = None
+) -> list[Problem]:
+    """Turn pydantic's errors into :class:`Problem` s naming dotted fields (``model``: the
+    validated class, whose field names are suggested for unknown keys)."""
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if p not in ("str", "list[int]", "int"))
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = _did_you_mean(model or JobSpec, loc) or msg
         field = _field_path(loc)
         out.append(Problem(f"{prefix}{field}" if prefix else field, msg))
     return out

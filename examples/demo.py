@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from tqdm import tqdm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -159,9 +160,15 @@ def heldout_loss(model: nn.Module, rows: np.ndarray, batch: int = 32) -> float:
 
 
 def optimise(
-    params: Sequence[nn.Parameter], steps: int, lr: float, step_loss: Callable[[int], torch.Tensor]
+    params: Sequence[nn.Parameter],
+    steps: int,
+    lr: float,
+    step_loss: Callable[[int], torch.Tensor],
+    desc: str = "training",
 ) -> float:
-    """AdamW with linear warm-up and cosine decay over ``steps``; returns the last loss."""
+    """AdamW with linear warm-up and cosine decay over ``steps``; returns the last loss.
+
+    Shows a progress bar with the loss on a terminal (none in logs or tests)."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -169,13 +176,16 @@ def optimise(
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     loss = torch.zeros(())
-    for step in range(steps):
-        loss = step_loss(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+    with tqdm(range(steps), desc=desc, unit="step", disable=None, leave=False) as bar:
+        for step in bar:
+            loss = step_loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
     return float(loss.detach())
 
 
@@ -208,7 +218,9 @@ def make_teacher(sizes: Sizes, seed: int, out: Path) -> tuple[Path, np.ndarray, 
         return next_token_loss(model(input_ids=ids).logits, ids)
 
     t0 = time.perf_counter()
-    last = optimise(list(model.parameters()), sizes.teacher_steps, sizes.teacher_lr, step_loss)
+    last = optimise(
+        list(model.parameters()), sizes.teacher_steps, sizes.teacher_lr, step_loss, "teacher"
+    )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"teacher: Llama {sizes.teacher_layers} layers, d={sizes.teacher_dim}, "
@@ -248,11 +260,12 @@ def run_cache(job: Path, root: Path) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "kdcache.cli", "run", str(job), "--root", str(root)]
     print("$ " + " ".join(["kdcache", *cmd[3:]]))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # stderr passes through: the run's progress bar (a terminal) or progress lines (a log)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     wall = time.perf_counter() - t0
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
+        sys.stderr.write(proc.stdout)
         raise SystemExit(f"kdcache run failed with exit code {proc.returncode}")
     return lines[-1], wall
 
@@ -297,7 +310,7 @@ def train_student(
             loss = loss + sizes.hidden_weight * hid
         return loss
 
-    optimise(params, sizes.student_steps, sizes.student_lr, step_loss)
+    optimise(params, sizes.student_steps, sizes.student_lr, step_loss, f"student {mode}")
     return student
 
 

@@ -20,7 +20,7 @@ from kdcache.service.errors import install_error_handlers
 from kdcache.service.files import CacheFiles
 from kdcache.service.metrics import RequestHistogram
 from kdcache.service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from kdcache.service.routes import caches, jobs, leases, ops
+from kdcache.service.routes import caches, dashboard, jobs, leases, ops
 from kdcache.service.settings import Settings, get_settings
 from kdcache.service.store import JobStore
 
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=f"{API_VERSION}.0 (cache format {FORMAT_VERSION})",
         lifespan=_lifespan,
         separate_input_output_schemas=False,
+        docs_url=None,  # served by the dashboard router from bundled assets (offline)
+        redoc_url=None,
     )
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware, histogram=app.state.histogram)
-    for module in (jobs, leases, caches, ops):
+    for module in (jobs, leases, caches, ops, dashboard):
         app.include_router(module.router)
+    dashboard.mount_assets(app)
     return app

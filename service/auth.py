@@ -9,14 +9,17 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, params
+from fastapi import Depends, Request, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kdcache.core.errors import Forbidden, Unauthorized
 from kdcache.service.deps import SettingsDep
 from kdcache.service.settings import RouteClass, Settings
 
-__all__ = ["AdminAuth", "ReadAuth", "WorkerAuth", "check_token"]
+__all__ = ["TOKEN_COOKIE", "AdminAuth", "ReadAuth", "WorkerAuth", "check_token"]
+
+TOKEN_COOKIE = "kdcache_token"
+"""Read routes also take the token from this cookie: the dashboard's browser sets it."""
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -45,8 +48,9 @@ def _require_worker(settings: SettingsDep, creds: Credentials) -> None:
     check_token(settings, "worker", creds.credentials if creds else None)
 
 
-def _require_read(settings: SettingsDep, creds: Credentials) -> None:
-    check_token(settings, "read", creds.credentials if creds else None)
+def _require_read(settings: SettingsDep, creds: Credentials, request: Request) -> None:
+    given = creds.credentials if creds else request.cookies.get(TOKEN_COOKIE)
+    check_token(settings, "read", given)
 
 
 AdminAuth: params.Depends = Depends(_require_admin)

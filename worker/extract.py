@@ -295,8 +295,11 @@ def extract_batches(
     index_dtype: npt.DTypeLike,
     t_chunk: int | None = None,
     fused: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """:func:`extract` over ``ids`` (N, T) in batches of ``batch_size`` rows; same keys, N rows."""
+    """:func:`extract` over ``ids`` (N, T) in batches of ``batch_size`` rows; same keys, N rows.
+
+    ``on_batch(rows)`` is called after each batch (progress within a shard)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     idt = np.dtype(index_dtype)
@@ -313,6 +316,8 @@ def extract_batches(
         for k, a in part.items():
             result[k][start : start + a.shape[0]] = a
         log.debug("extracted rows %d..%d", row_offset + start, row_offset + start + len(a))
+        if on_batch is not None:
+            on_batch(len(a))
 
     # Batch i+1 is queued before batch i's results are awaited: on a GPU its forward overlaps
     # the copies of batch i to the host.

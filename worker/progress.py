@@ -1,11 +1,14 @@
-"""Progress of long work: a live line on a terminal, periodic log lines otherwise."""
+"""Progress of long work: tqdm bars on a terminal (the job, and the shard in hand, batch by
+batch), periodic log lines otherwise."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
 
 __all__ = ["Progress", "format_duration"]
 
@@ -44,6 +47,18 @@ class Progress:
         self.interval = 0.2 if self.live else interval
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._bar: Any = None
+        if self.live:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_rows,
+                initial=done_rows,
+                unit="row",
+                desc=label,
+                file=self.stream,
+                dynamic_ncols=True,
+            )
 
     @property
     def elapsed(self) -> float:
@@ -67,24 +82,44 @@ class Progress:
             f"{self.tokens_per_s:,.0f} tokens/s, ETA {format_duration(self.eta_s)}"
         )
 
+    @contextmanager
+    def shard(self, shard: int, rows: int) -> Iterator[Callable[[int], None]]:
+        """A bar for the shard being computed (terminal only); yields its ``update(rows)``."""
+        if self._bar is None:
+            yield lambda n: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(
+            total=rows,
+            unit="row",
+            desc=f"shard {shard}",
+            file=self.stream,
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
+            yield bar.update
+
     def update(self, rows: int) -> None:
         self.done_rows += rows
         self.new_rows += rows
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix_str(f"{self.tokens_per_s:,.0f} tokens/s", refresh=False)
+            return
         now = time.perf_counter()
         if now - self._last >= self.interval or self.done_rows >= self.total_rows:
             self._last = now
             self._show()
 
     def _show(self) -> None:
-        if self.live:
-            self.stream.write("\r" + self.line() + "\x1b[K")
-            self.stream.flush()
-        else:
-            log.info(self.line())
+        log.info(self.line())
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\r" + self.line() + "\x1b[K\n")
+        if self._bar is not None:
+            self._bar.close()
+            self.stream.write(self.line() + "\n")
             self.stream.flush()
         elif self._last == 0.0:
             log.info(self.line())

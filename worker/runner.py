@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +145,12 @@ class ShardRunner:
             "teacher": job.teacher.description,
         }
 
-    def compute(self, shard: int) -> dict[str, np.ndarray]:
-        """Every array's rows of ``shard``: one teacher forward per batch, nothing kept twice."""
+    def compute(
+        self, shard: int, on_batch: Callable[[int], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every array's rows of ``shard``: one teacher forward per batch, nothing kept twice.
+
+        ``on_batch(rows)`` is called after each batch (a progress bar within the shard)."""
         m, spec = self.job.manifest, self.job.plan.spec
         start, end = m.shard_rows(shard)
         ids = self.job.source.rows(start, end)
@@ -159,6 +164,7 @@ class ShardRunner:
             layers=m.hidden_layers,
             hidden_dtype=m.hidden_dtype,
             index_dtype=m.index_dtype,
+            on_batch=on_batch,
         )
         data["input_ids"] = np.ascontiguousarray(ids, dtype=np.int32)
         return data
@@ -241,7 +247,8 @@ def run_job(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-write") as pool:
         try:
             for shard in todo:
-                data = runner.compute(shard)
+                with progress.shard(shard, m.shard_rows(shard)[1] - m.shard_rows(shard)[0]) as step:
+                    data = runner.compute(shard, on_batch=step)
                 if pending is not None:
                     progress.update(pending.result().rows)
                 pending = pool.submit(runner.write, shard, data)
