@@ -8,6 +8,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -171,11 +172,24 @@ def _parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     _add_service_commands(sub)
-    for command in sub.choices.values():  # -v after the sub-command too
+    for command in sub.choices.values():  # -v after the sub-command too; help as plain text
+        command.description = _plain(command.description)
+        command.formatter_class = argparse.RawDescriptionHelpFormatter  # keep examples' lines
         command.add_argument(
             "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging"
         )
     return p
+
+
+_ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|exc):`~?([^`]+)`")
+
+
+def _plain(text: str | None) -> str | None:
+    """A docstring as help text: no reST roles or ``literal`` markup."""
+    if text is None:
+        return None
+    text = re.sub(r"(?m)^[ \t]*::[ \t]*\n", "", text)  # a literal block's lone marker
+    return _ROLE.sub(r"\1", text).replace("``", "'").replace("::\n", ":\n")
 
 
 def _add_service_commands(sub: argparse._SubParsersAction) -> None:

@@ -111,10 +111,12 @@ def test_did_you_mean_for_commands_and_spec_keys(
 
 def test_help_has_no_docstring_markup() -> None:
     commands = ["run", "inspect", "verify", "report", "ls", "serve", "worker", "submit", "jobs"]
-    for args in [[], *[[c] for c in [*commands, "cancel"]]]:
+    commands += ["cancel", "slurm"]
+    for args in [[], *[[c] for c in commands]]:
         res = kdcache(*args, "--help")
         assert res.returncode == 0, (args, res.stderr)
         assert "``" not in res.stdout and ":func:" not in res.stdout, args
+        assert ":mod:" not in res.stdout and "::" not in res.stdout, args
     top = kdcache("--help").stdout
     assert all(c in top for c in commands) and "KDCACHE_SERVER" in top
 
