@@ -232,7 +232,7 @@ def _http_hint(err: BaseException) -> str | None:
         return "the service needs a token: set KDCACHE_TOKEN (or pass --token)"
     if status == 403:
         return "the service refused the token: set KDCACHE_TOKEN to a token of the right class"
-    if type(err).__name__ in ("ConnectError", "ClientConnectorError"):
+    if type(err).__name__ in ("ConnectError", "ClientConnectorError", "Unreachable"):
         return f"cannot reach the service ({err}); is 'kdcache serve' running at KDCACHE_SERVER?"
     return None
 
@@ -247,6 +247,9 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except KDCacheError as err:
         print(f"error: {err}", file=sys.stderr)
+        hint = _http_hint(err)
+        if hint is not None:
+            print(f"hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:
         hint = _http_hint(err)

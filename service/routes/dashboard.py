@@ -19,10 +19,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from kdcache.core.errors import NotFound, ServiceError
 from kdcache.core.shards import ShardRecord
 from kdcache.service.auth import TOKEN_COOKIE, ReadAuth
 from kdcache.service.deps import SettingsDep, StoreDep
-from kdcache.service.errors import NotFound, ServiceError
 from kdcache.service.files import valid_cache_id
 from kdcache.service.fleet_view import fleet_view
 from kdcache.service.routes._common import error_responses
