@@ -48,6 +48,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.root,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        max_expiries=settings.max_expiries,
     )
     try:
         await run_in_threadpool(store.open)

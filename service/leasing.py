@@ -16,7 +16,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from kdcache.core.errors import Conflict, KDCacheError, NotFound, Unprocessable
@@ -80,6 +80,7 @@ class LeaseBook:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_expiries = max_expiries if max_expiries is not None else 10 * max_attempts
+        self.started_at = time.time()
 
     def _lock(self) -> bool:
         return self.db.dialect != "sqlite"
@@ -136,23 +137,45 @@ class LeaseBook:
         return q
 
     def _next(self, s: Session, now: float, job_id: str | None) -> ShardRow | None:
-        return s.scalars(self.next_shard_query(now, job_id, skip_locked=self._lock())).first()
+        # Right after a (re)start, leases granted before it get one whole lease period to
+        # heartbeat: their workers may have spent the outage waiting to complete a shard.
+        expire_before = now if now >= self.started_at + self.lease_seconds else float("-inf")
+        q = self.next_shard_query(expire_before, job_id, skip_locked=self._lock())
+        return s.scalars(q).first()
+
+    @staticmethod
+    def _expiries(s: Session, job_id: str, shard: int) -> int:
+        q = (
+            select(func.count())
+            .select_from(LeaseRow)
+            .where(LeaseRow.job_id == job_id, LeaseRow.shard == shard, LeaseRow.state == "expired")
+        )
+        return int(s.execute(q).scalar_one())
 
     def _expire(self, s: Session, shard: ShardRow, job: JobRow, now: float) -> bool:
-        """Take an expired lease's shard back; True when that used up the job's attempts."""
+        """Take an expired lease's shard back; True when that used up the shard's expiry budget
+        (``max_expiries``, apart from the failure attempts: a killed worker is no failure)."""
         old = s.get(LeaseRow, shard.lease_id) if shard.lease_id else None
         if old is not None:
             old.state = "expired"
-        shard.attempts += 1
         self._release(shard)
+        s.flush()
+        expiries = self._expiries(s, job.id, shard.shard)
         worker = old.worker if old is not None else "?"
-        log.warning("job %s shard %d: lease of %s expired", job.id, shard.shard, worker)
-        if shard.attempts < self.max_attempts:
+        log.warning(
+            "job %s shard %d: lease of %s expired (%d of %d)",
+            job.id,
+            shard.shard,
+            worker,
+            expiries,
+            self.max_expiries,
+        )
+        if expiries < self.max_expiries:
             return False
         self._fail_job(
             job,
-            f"shard {shard.shard}: its lease expired {shard.attempts} times without a "
-            f"completion (last worker {worker}); the worker died or stalled",
+            f"shard {shard.shard}: its lease expired {expiries} times without a completion "
+            f"(last worker {worker}); every worker that took it died or stalled",
             now,
         )
         return True
@@ -179,7 +202,8 @@ class LeaseBook:
         lease_id = uuid.uuid4().hex
         deadline = now + self.lease_seconds
         shard.status, shard.lease_id, shard.deadline = "leased", lease_id, deadline
-        attempt = shard.attempts + 1
+        # failures and expiries both count as tries of the shard (releases do not)
+        attempt = shard.attempts + self._expiries(s, job.id, shard.shard) + 1
         s.add(
             LeaseRow(
                 id=lease_id,

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     read_token: SecretStr | None = Field(None, description="reads; unset = open reads")
     lease_seconds: float = Field(120.0, gt=0, le=86400, description="lease length")
     max_attempts: int = Field(3, ge=1, le=1000, description="tries of a shard before its job fails")
+    max_expiries: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="lease expiries (dead workers) of one shard before its job fails; "
+        "default 10 x max_attempts",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
 
     @field_validator("root")

@@ -266,17 +266,58 @@ def test_cancel_tells_heartbeats_and_releases_the_shard(
     assert claim(client).json()["shard"] == 0
 
 
-def test_repeated_expiry_counts_as_attempts_and_fails_the_job(
-    spec: dict[str, Any], make_client: Any, tmp_path: Path
+def test_expiries_have_their_own_budget_then_fail_the_job(
+    cache_root: Path, spec: dict[str, Any], make_client: Any
 ) -> None:
-    c = make_client(make_settings(tmp_path / "r", lease_seconds=0.2, max_attempts=2))
+    """Expiries do not use up failure attempts (max_attempts=1 here); their own budget does."""
+    settings = make_settings(cache_root, lease_seconds=0.2, max_attempts=1, max_expiries=3)
+    c = make_client(settings)
     job = c.post("/v1/jobs", json=spec, headers=ADMIN_H).json()
-    first = claim(c).json()
-    _wait_past(first["deadline"])
-    second = claim(c).json()
-    assert (second["shard"], second["attempt"]) == (0, 2)
-    _wait_past(second["deadline"])
-    assert claim(c).status_code == 204  # the second expiry used up the attempts
+    for _ in range(3):
+        lease = claim(c).json()
+        assert lease["shard"] == 0, lease
+        _wait_past(lease["deadline"])
+        assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    assert claim(c).status_code == 204  # this claim sees the third expiry: the job fails
     failed = c.get(f"/v1/jobs/{job['id']}").json()
     assert failed["status"] == "failed" and failed["error"].startswith("shard 0: ")
-    assert "expired" in failed["error"]
+    assert "expired 3 times" in failed["error"]
+
+
+def test_many_dead_workers_never_fail_a_job_that_others_finish(
+    cache_root: Path, spec: dict[str, Any], make_client: Any, built_cache: BuiltCache
+) -> None:
+    """Nine workers die right after claiming (the issue's report: the job failed after 9): the
+    default budgets keep the job running, and a tenth worker completes the shard."""
+    c = make_client(make_settings(cache_root, lease_seconds=0.2))
+    job = c.post("/v1/jobs", json=spec, headers=ADMIN_H).json()
+    for _ in range(9):
+        lease = claim(c).json()
+        assert lease["shard"] == 0
+        _wait_past(lease["deadline"])
+    lease = claim(c).json()
+    assert lease["shard"] == 0
+    assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    r = c.post(
+        f"/v1/leases/{lease['id']}/complete",
+        json=record_body(built_cache.records[0]),
+        headers=WORKER_H,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["shards_done"] == 1
+
+
+def test_after_a_restart_old_leases_get_a_lease_period_to_come_back(
+    cache_root: Path, spec: dict[str, Any], make_client: Any
+) -> None:
+    """A lease whose deadline passed while the service was down is not taken over at once:
+    its worker may be waiting to complete a computed shard."""
+    settings = make_settings(cache_root, lease_seconds=1.0)
+    c = make_client(settings)
+    c.post("/v1/jobs", json=spec, headers=ADMIN_H)
+    first = claim(c).json()
+    _wait_past(first["deadline"])
+    restarted = make_client(settings)  # a new service process on the same database
+    assert claim(restarted).json()["shard"] != first["shard"]  # not re-leased yet
+    time.sleep(1.1)
+    assert claim(restarted).json()["shard"] == first["shard"]
