@@ -207,9 +207,13 @@ class KDTrainer(Trainer):
         return _EpochLoader(dataset, size, **kwargs)
 
     def _restore_dataset(self, dataset: CacheDataset) -> None:
-        """Load the checkpoint's dataset state, when resuming (and not ``ignore_data_skip``)."""
+        """Load the checkpoint's dataset state when resuming (and not ``ignore_data_skip``);
+        otherwise start at the beginning of epoch 0, as the Trainer does."""
         self._dataset_restored = False
         if self._resume_dir is None or self.args.ignore_data_skip:
+            state = dataset.state_dict()
+            state.update(epoch=0, start=0, consumed=0)
+            dataset.load_state_dict(state)
             return
         path = os.path.join(self._resume_dir, DATASET_STATE_FILE)
         if not os.path.isfile(path):

@@ -121,3 +121,22 @@ def test_example_runs_in_one_process(cache_dir37: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "steps 10 kd_loss" in done.stdout, done.stdout[-2000:]
     assert (tmp_path / "checkpoint-10" / "kdcache_dataset.json").is_file()
+
+
+def test_a_second_train_call_starts_the_data_over(cache_dir37: str, tmp_path: Path) -> None:
+    seen: list[list[int]] = []
+
+    class Recording(KDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            seen.append(inputs["row"].tolist())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    ds = CacheDataset(cache_dir37, fields=["input_ids", "topk"], seed=4)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3,
+                             per_device_train_batch_size=5, save_strategy="no")  # fmt: skip
+    trainer = Recording(model=student(320), args=args, train_dataset=ds)
+    trainer.train()
+    first = list(seen)
+    trainer.train()
+    order = ds.epoch_order(0).all_rows().tolist()
+    assert first == seen[3:] == [order[i : i + 5] for i in range(0, 15, 5)]
