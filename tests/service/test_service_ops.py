@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import re
+import random
+import string
 from typing import Any
 
 from _svc import ADMIN_H, claim
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def test_healthz(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "db": "ok"}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, parsed by prometheus_client's own parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
 
 
 def test_metrics_exposition(client: TestClient, spec: dict[str, Any]) -> None:
@@ -22,32 +33,44 @@ def test_metrics_exposition(client: TestClient, spec: dict[str, Any]) -> None:
     text = r.text
     for line in (
         "# TYPE kdcache_jobs gauge",
-        'kdcache_jobs{state="running"} 1',
-        'kdcache_jobs{state="pending"} 0',
         "# TYPE kdcache_shards_done_total counter",
-        "kdcache_shards_done_total 0",
-        "kdcache_tokens_written_total 0",
-        "kdcache_lease_expiries_total 0",
         "# TYPE kdcache_request_seconds histogram",
     ):
         assert line in text.splitlines(), line
+    got = _samples(text)
+    assert got[("kdcache_jobs", (("state", "running"),))] == 1
+    assert got[("kdcache_jobs", (("state", "pending"),))] == 0
+    assert got[("kdcache_shards_done_total", ())] == 0
+    assert got[("kdcache_tokens_written_total", ())] == 0
+    assert got[("kdcache_lease_expiries_total", ())] == 0
     # Labelled by route template (not the raw path), method and status.
-    series = 'route="/v1/jobs/{job_id}",method="GET",status="404"'
-    assert f'kdcache_request_seconds_bucket{{{series},le="+Inf"}} 1' in text
-    assert f"kdcache_request_seconds_count{{{series}}} 1" in text
-    assert re.search(
-        r'kdcache_request_seconds_count\{route="/v1/leases",method="POST",'
-        r'status="200"\} 1',
-        text,
-    )
+    series = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))
+    assert got[("kdcache_request_seconds_count", series)] == 1
+    assert got[("kdcache_request_seconds_bucket", tuple(sorted((*series, ("le", "+Inf")))))] == 1
+    leases = (("method", "POST"), ("route", "/v1/leases"), ("status", "200"))
+    assert got[("kdcache_request_seconds_count", leases)] == 1
     assert "/v1/jobs/nope" not in text
     buckets = [
-        int(v)
-        for v in re.findall(
-            rf'kdcache_request_seconds_bucket{{{re.escape(series)},le="[^"]+"}} (\d+)', text
-        )
+        v
+        for (name, labels), v in got.items()
+        if name == "kdcache_request_seconds_bucket" and set(series) <= set(labels)
     ]
-    assert buckets == sorted(buckets)  # cumulative
+    assert len(buckets) == 12 and buckets == sorted(buckets)  # cumulative
+
+
+def test_metrics_stay_bounded_under_random_methods_and_paths(client: TestClient) -> None:
+    """3000 requests with made-up methods and paths add a handful of series, not 3000."""
+    rng = random.Random(0)
+    before = len(client.get("/metrics").content)
+    for i in range(3000):
+        method = "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(3, 12)))
+        client.request(method, f"/x{i}/{rng.random()}")
+    text = client.get("/metrics").text
+    after = len(text.encode())
+    print(f"/metrics: {before} bytes before, {after} bytes after 3000 random-method requests")
+    methods = {labels for (name, labels) in _samples(text) if name.endswith("_count")}
+    assert after < before + 8_000, (before, after)
+    assert {dict(lab).get("method") for lab in methods} <= {"GET", "other"}
 
 
 def test_unknown_routes_use_the_error_format(client: TestClient) -> None:
