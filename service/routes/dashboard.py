@@ -127,21 +127,22 @@ async def cache_report(cache_id: str, request: Request, store: StoreDep) -> HTML
 
 @router.get("/docs", include_in_schema=False)
 def docs(request: Request) -> Response:
-    """Swagger UI from the bundled assets (swagger-ui-bundle), so it works offline."""
+    """Swagger UI 5 (reads OpenAPI 3.1) from assets bundled in fastapi-offline: no CDN."""
     root = request.scope.get("root_path", "")
     return get_swagger_ui_html(
         openapi_url=f"{root}/openapi.json",
         title="kdcache API",
         swagger_js_url=f"{root}{SWAGGER_PREFIX}/swagger-ui-bundle.js",
         swagger_css_url=f"{root}{SWAGGER_PREFIX}/swagger-ui.css",
-        swagger_favicon_url=f"{root}{SWAGGER_PREFIX}/favicon-32x32.png",
+        swagger_favicon_url=f"{root}{SWAGGER_PREFIX}/favicon.png",
     )
 
 
 def mount_assets(app: FastAPI) -> None:
     """Serve the dashboard's script and Swagger UI's assets; keep the reports' memo."""
-    from swagger_ui_bundle import swagger_ui_path
+    import fastapi_offline
 
+    assets = Path(fastapi_offline.__file__).parent / "static"
     app.state.reports = _Reports()
-    app.mount(SWAGGER_PREFIX, StaticFiles(directory=swagger_ui_path), name="swagger")
+    app.mount(SWAGGER_PREFIX, StaticFiles(directory=assets), name="swagger")
     app.mount("/static", StaticFiles(directory=_static()), name="static")
