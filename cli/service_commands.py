@@ -291,7 +291,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     worker = sub.add_parser("worker", help="lease loop: compute shards for the service")
     _client_flags(worker)
-    worker.add_argument("--device", help="teacher device, overriding the spec (cuda:N, cpu)")
+    worker.add_argument(
+        "--device",
+        help="teacher device, overriding the spec (cuda:N, cpu; cuda:0,cuda:1 splits the teacher)",
+    )
     worker.add_argument("--root", help="storage root as mounted here (default: the service's)")
     worker.add_argument("--job", help="only take shards of this job id")
     worker.add_argument("--worker-id", help="name reported to the service (default: host:pid)")

@@ -46,7 +46,11 @@ class TeacherSpec(_Model):
         None, description='"pkg.mod:callable" returning an nn.Module: ids (B,T) -> logits (B,T,V)'
     )
     dtype: DType = Field("auto", description="auto = bfloat16 on CUDA, float32 on CPU")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str | list[str] = Field(
+        "auto",
+        description="auto | cpu | cuda | cuda:N, or a list of cuda:N to split the teacher over "
+        "(auto: every GPU the worker sees when there are several)",
+    )
 
     @field_validator("module")
     @classmethod
@@ -57,9 +61,15 @@ class TeacherSpec(_Model):
 
     @field_validator("device")
     @classmethod
-    def _device_form(cls, v: str) -> str:
+    def _device_form(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v or any(not re.fullmatch(r"cuda:\d+", d) for d in v):
+                raise ValueError("a device list must be one or more cuda:N")
+            if len(set(v)) != len(v):
+                raise ValueError("a device list must not repeat a device")
+            return v
         if not _DEVICE.match(v):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+            raise ValueError("must be auto, cpu, cuda or cuda:N, or a list of cuda:N")
         return v
 
     @model_validator(mode="after")

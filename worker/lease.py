@@ -158,9 +158,10 @@ class _JobCache:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         spec = parse_spec(lease.spec)
-        if self.device:
+        if self.device:  # "cuda:0,cuda:1": one replica over those GPUs
+            dev: str | list[str] = self.device.split(",") if "," in self.device else self.device
             spec = spec.model_copy(
-                update={"teacher": spec.teacher.model_copy(update={"device": self.device})}
+                update={"teacher": spec.teacher.model_copy(update={"device": dev})}
             )
         log.info("loading job %s (cache %s)", lease.job_id, lease.cache_id)
         job = prepare_job(spec)

@@ -31,6 +31,7 @@ from torch import nn
 
 from kdcache.core.errors import TeacherError
 from kdcache.worker.head import LMHead, head_matches, hf_head, linear_head
+from kdcache.worker.placement import placement, plan_device_map
 
 __all__ = [
     "FeatureOutput",
@@ -388,7 +389,7 @@ class ModuleTeacher:
         return FeatureOutput(features=features, hidden=self._pick(hidden, layers))
 
 
-def _load_hf(path: str, dtype: str, device: str) -> HFTeacher:
+def _load_hf(path: str, dtype: str, device: str | Sequence[str]) -> HFTeacher:
     root = Path(path)
     if not root.is_dir():
         raise TeacherError(f"teacher directory {path} does not exist")
@@ -399,18 +400,27 @@ def _load_hf(path: str, dtype: str, device: str) -> HFTeacher:
 
     hf_logging.disable_progress_bar()  # the CLI shows its own progress; tqdm bars are noise
 
-    dev = resolve_device(device)
+    place = placement(device)
+    dev = place.device
     tdtype = resolve_dtype(dtype, dev)
+    extra: dict[str, Any] = {}
+    if place.max_memory is not None:  # split over several GPUs: whole blocks, in order
+        extra["device_map"] = plan_device_map(path, tdtype, place.max_memory)
     try:
         # transformers >= 4.56 spells it `dtype` (`torch_dtype` is deprecated); its default,
         # "auto", would load the checkpoint's dtype, so always pass one.
         model: nn.Module = AutoModelForCausalLM.from_pretrained(
-            path, dtype=tdtype, local_files_only=True
+            path, dtype=tdtype, local_files_only=True, **extra
         )
     except Exception as err:  # any loader failure is the same user problem
         raise TeacherError(f"cannot load teacher {path}: {type(err).__name__}: {err}") from None
-    model.to(dev)
-    desc = f"hf:{path} ({type(model).__name__}, {tdtype}, {dev})"
+    if "device_map" in extra:
+        gpus = sorted(set(extra["device_map"].values()))
+        where = "GPUs " + ",".join(map(str, gpus))
+    else:
+        model.to(dev)
+        where = str(dev)
+    desc = f"hf:{path} ({type(model).__name__}, {tdtype}, {where})"
     log.info("loaded teacher %s", desc)
     return HFTeacher(model, description=desc)
 
@@ -431,7 +441,7 @@ def _import_callable(target: str) -> Callable[[], Any]:
     return fn
 
 
-def _load_module(target: str, dtype: str, device: str) -> HFTeacher | ModuleTeacher:
+def _load_module(target: str, dtype: str, device: str | Sequence[str]) -> HFTeacher | ModuleTeacher:
     fn = _import_callable(target)
     try:
         module = fn()
@@ -442,6 +452,10 @@ def _load_module(target: str, dtype: str, device: str) -> HFTeacher | ModuleTeac
     if not isinstance(module, nn.Module):
         raise TeacherError(
             f"teacher module {target!r} must return an nn.Module, got {type(module).__name__}"
+        )
+    if not isinstance(device, str):
+        raise TeacherError(
+            f"teacher module {target!r}: a module teacher runs on one device, not {list(device)}"
         )
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
