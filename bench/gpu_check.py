@@ -12,6 +12,11 @@ Then:
   cached hidden layer to the fp32 one.
 - speed: the teacher-pass ratio (run_job wall time / bare bf16 forwards over the same batches),
   alternated ``--reps`` times, medians, as in ``bench/teacher_pass.py``.
+- memory: peak GPU memory above the start of a bare forward of the body, of a full forward, and
+  of the kdcache pass (fused LM head), against one batch's float32 logits.
+- fused vs unfused: the same rows extracted both ways agree within bf16 rounding.
+- with more than one GPU: the teacher split over GPUs 0 and 1 (accelerate device map, forced by a
+  small memory budget on GPU 0) gives the single-GPU numbers.
 
 Without a CUDA device it prints "no CUDA device, skipped" and exits 0. ``--device cpu`` with small
 sizes exercises the same code on a CPU (for developing this script, not for its numbers).
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import teacher_pass_spec, timed
+from _common import peak_memory, teacher_pass_spec, timed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -164,6 +169,98 @@ def accuracy(
         )
 
 
+def memory(
+    args: argparse.Namespace,
+    job: Any,
+    batches: list[torch.Tensor],
+    job_pass: Any,
+    dev: torch.device,
+) -> None:
+    """Peak memory above the start: body forward, full forward, kdcache pass (fused head)."""
+    model = job.teacher.model
+
+    def body() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                model.base_model(input_ids=x, use_cache=False)
+
+    def full() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                model(input_ids=x, use_cache=False)
+
+    logits = args.batch * args.seq_len * args.vocab * 4
+    fused = getattr(job.teacher, "head", None) is not None
+    print(f"memory (one batch's float32 logits {logits / 2**30:.3f} GiB; fused head: {fused})")
+    peaks = {}
+    for name, fn in (("body forward", body), ("full forward", full), ("kdcache run_job", job_pass)):
+        sec, peak = peak_memory(fn, dev)
+        peaks[name] = max(0, peak)
+        tok = args.rows * args.seq_len / sec
+        print(f"  {name:<16} peak +{peaks[name] / 2**30:7.3f} GiB  {tok:12,.0f} tokens/s")
+    extra = peaks["kdcache run_job"] - peaks["body forward"]
+    print(f"  run_job above the body: {extra / logits:.1%} of one batch's float32 logits")
+
+
+def fused_vs_unfused(job: Any, ids: np.ndarray, dev: torch.device) -> None:
+    """The same rows through the fused head and through the model's own logits."""
+    from kdcache.worker.extract import extract
+
+    m = job.manifest
+    kw: dict[str, Any] = {
+        "topk": m.topk,
+        "temperatures": m.temperatures,
+        "layers": m.hidden_layers,
+        "hidden_dtype": m.hidden_dtype,
+        "index_dtype": m.index_dtype,
+    }
+    a = extract(job.teacher, ids, fused=True, **kw)
+    b = extract(job.teacher, ids, fused=False, **kw)
+    dlse = float(np.abs(a["topk/logsumexp"] - b["topk/logsumexp"]).max())
+    same = float((a["topk/indices"] == b["topk/indices"]).mean())
+    dlp = float(np.abs(a["topk/logprobs"].astype(np.float32) - b["topk/logprobs"]).max())
+    ok = dlse < 0.05 and same > 0.95
+    print(
+        f"fused vs unfused head ({ids.shape[0]} rows): max|dlse| {dlse:.4f}, top-k ids equal "
+        f"{same:.2%}, max|dlogp| {dlp:.4f}  {'OK' if ok else 'MISMATCH'}"
+    )
+
+
+def split_check(teacher_dir: Path, job: Any, ids: np.ndarray) -> None:
+    """The teacher over GPUs 0 and 1 (a budget on GPU 0 forces the split) vs one GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from kdcache.worker.extract import extract
+    from kdcache.worker.placement import plan_device_map
+    from kdcache.worker.teachers import HFTeacher
+
+    size = sum(p.numel() * p.element_size() for p in job.teacher.model.parameters())
+    dmap = plan_device_map(teacher_dir, torch.bfloat16, {0: size // 2, 1: 2 * size})
+    model = AutoModelForCausalLM.from_pretrained(
+        teacher_dir, dtype=torch.bfloat16, local_files_only=True, device_map=dmap
+    )
+    split = HFTeacher(model, description="split over cuda:0,cuda:1")
+    m = job.manifest
+    kw: dict[str, Any] = {
+        "topk": m.topk,
+        "temperatures": m.temperatures,
+        "layers": m.hidden_layers,
+        "hidden_dtype": m.hidden_dtype,
+        "index_dtype": m.index_dtype,
+    }
+    a, b = extract(job.teacher, ids, **kw), extract(split, ids, **kw)
+    dlse = float(np.abs(a["topk/logsumexp"] - b["topk/logsumexp"]).max())
+    same = float((a["topk/indices"] == b["topk/indices"]).mean())
+    gpus = sorted(set(dmap.values()), key=str)
+    ok = dlse < 0.05 and same > 0.95 and len(gpus) == 2
+    print(
+        f"split teacher over GPUs {gpus} (fused head: {split.head is not None}): "
+        f"max|dlse| {dlse:.4f} vs one GPU, top-k ids equal {same:.2%}  {'OK' if ok else 'MISMATCH'}"
+    )
+    del model, split
+    torch.cuda.empty_cache()
+
+
 def main() -> int:
     args = parse_args()
     dev = torch.device(args.device)
@@ -238,7 +335,14 @@ def main() -> int:
             dev,
         )
         print(f"  extraction alone   {t_extract:8.3f} s  (forward + top-k/lse + copies, no writes)")
+        memory(args, job, batches, job_pass, dev)
+        fused_vs_unfused(job, ids[: args.batch], dev)
         accuracy(args, teacher_dir, cache_path, model, dev)
+        if dev.type == "cuda" and torch.cuda.device_count() > 1:
+            try:
+                split_check(teacher_dir, job, ids[: args.batch])
+            except Exception as err:  # report it; the numbers above stand on their own
+                print(f"split teacher check FAILED: {type(err).__name__}: {err}")
     print(f"total {time.perf_counter() - t_start:.0f}s")
     return 0
 

@@ -200,6 +200,8 @@ def _launch(
     b, t = ids.shape
     v = teacher.vocab_size
     x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+    if teacher.device.type == "cuda":  # pinned: the copy to the GPU does not wait for its queue
+        x = x.pin_memory()
     logits_of: Callable[[int, int], torch.Tensor]
     if fused and isinstance(teacher, FusedTeacher) and teacher.head is not None:
         head = teacher.head

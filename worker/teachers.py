@@ -261,7 +261,7 @@ class HFTeacher:
         handles = self._hooks(layers, store)
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids.to(self.device), use_cache=False)
+                out = self.model(input_ids=ids.to(self.device, non_blocking=True), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -274,7 +274,7 @@ class HFTeacher:
         handles = self._hooks(layers, store, head=False)
         try:
             with torch.inference_mode():
-                h = self._body(ids.to(self.device))
+                h = self._body(ids.to(self.device, non_blocking=True))
         finally:
             for hd in handles:
                 hd.remove()
@@ -336,7 +336,7 @@ class ModuleTeacher:
 
     def _features(self, ids: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None]:
         with torch.inference_mode():
-            out = getattr(self.module, "kdcache_features")(ids.to(self.device))  # noqa: B009
+            out = getattr(self.module, "kdcache_features")(ids.to(self.device, non_blocking=True))  # noqa: B009
         if isinstance(out, torch.Tensor):
             return out, None
         if isinstance(out, tuple | list) and len(out) == 2 and isinstance(out[0], torch.Tensor):
@@ -348,7 +348,7 @@ class ModuleTeacher:
 
     def _run(self, ids: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None]:
         with torch.inference_mode():
-            out = self.module(ids.to(self.device))
+            out = self.module(ids.to(self.device, non_blocking=True))
         if isinstance(out, torch.Tensor):
             return out, None
         if isinstance(out, tuple | list) and len(out) == 2:
