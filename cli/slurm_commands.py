@@ -48,6 +48,7 @@ def _options(args: argparse.Namespace, server: str, job: dict[str, Any] | None) 
         job_name=args.job_name,
         gpu=not args.cpu,
         gpu_type=args.gpu_type,
+        gpus_per_task=args.gpus_per_task,
         device=args.device,
         partition=args.partition,
         time=args.time,
@@ -160,8 +161,9 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_FAILED
         kind = "GPU" if not args.cpu else "CPU"
+        tasks = args.gpus if args.cpu else args.gpus // args.gpus_per_task
         print(
-            f"submitted Slurm array {slurm_id}: {args.gpus} {kind} workers "
+            f"submitted Slurm array {slurm_id}: {tasks} {kind} workers "
             f"(logs: {Path(args.log_dir).absolute()}; `scancel {slurm_id}` stops them, "
             "their shards go back to the queue)"
         )
@@ -196,6 +198,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--gpus", type=int, required=True, help="array tasks: one worker, one GPU each")
     p.add_argument("--cpu", action="store_true", help="CPU workers: no --gres, --device cpu")
     p.add_argument("--gpu-type", help="GPU type for --gres=gpu:TYPE:1 (e.g. a100)")
+    p.add_argument(
+        "--gpus-per-task",
+        type=int,
+        default=1,
+        help="GPUs of one worker, the teacher split over them (1); tasks = --gpus / this",
+    )
     p.add_argument("--device", help="worker --device (default: cuda:0, the task's own GPU)")
     p.add_argument("--partition", help="sbatch --partition")
     p.add_argument("--time", help="sbatch --time (e.g. 24:00:00)")

@@ -61,7 +61,8 @@ _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 class SlurmOptions:
     """What the array asks of Slurm and what each task runs.
 
-    ``gpus``: array tasks (one worker each); ``gpu`` False: CPU workers, no ``--gres``.
+    ``gpus``: GPUs in all, ``gpus_per_task`` of them per array task (one worker each, the
+    teacher split over its GPUs when more than one); ``gpu`` False: CPU workers, no ``--gres``.
     """
 
     server: str
@@ -72,6 +73,7 @@ class SlurmOptions:
     job_name: str = "kdcache-worker"
     gpu: bool = True
     gpu_type: str | None = None
+    gpus_per_task: int = 1
     device: str | None = None
     partition: str | None = None
     time: str | None = None
@@ -93,6 +95,13 @@ class SlurmOptions:
         out = []
         if self.gpus < 1:
             out.append(f"--gpus: must be at least 1 (one worker per GPU), got {self.gpus}")
+        if self.gpus_per_task < 1:
+            out.append(f"--gpus-per-task: must be at least 1, got {self.gpus_per_task}")
+        elif self.gpus % self.gpus_per_task:
+            out.append(
+                f"--gpus: {self.gpus} GPUs do not split into tasks of --gpus-per-task "
+                f"{self.gpus_per_task}"
+            )
         if self.cpus_per_task < 1:
             out.append(f"--cpus-per-task: must be at least 1, got {self.cpus_per_task}")
         if self.max_running is not None and self.max_running < 1:
@@ -127,17 +136,24 @@ class SlurmOptions:
         return out
 
     @property
+    def tasks(self) -> int:
+        return max(1, self.gpus // max(1, self.gpus_per_task)) if self.gpu else self.gpus
+
+    @property
     def worker_device(self) -> str:
-        # Slurm sets CUDA_VISIBLE_DEVICES to the task's GPU, so it is cuda:0 inside the task.
-        return self.device or ("cuda:0" if self.gpu else "cpu")
+        # Slurm sets CUDA_VISIBLE_DEVICES to the task's GPUs, so they are cuda:0.. inside it.
+        if self.device or not self.gpu:
+            return self.device or "cpu"
+        return ",".join(f"cuda:{i}" for i in range(self.gpus_per_task))
 
     def values(self) -> dict[str, str]:
         """The placeholder values."""
-        last = self.gpus - 1
+        last = self.tasks - 1
         array = f"0-{last}" + (f"%{self.max_running}" if self.max_running else "")
         opts = []
         if self.gpu:
-            gres = f"gpu:{self.gpu_type}:1" if self.gpu_type else "gpu:1"
+            k = self.gpus_per_task
+            gres = f"gpu:{self.gpu_type}:{k}" if self.gpu_type else f"gpu:{k}"
             opts.append(f"--gres={gres}")
         for flag, value in (
             ("partition", self.partition),

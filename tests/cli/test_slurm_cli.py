@@ -63,6 +63,18 @@ def test_gpu_array_one_task_per_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
+def test_a_teacher_split_over_the_gpus_of_each_task(capsys: pytest.CaptureFixture[str]) -> None:
+    script = _dry(capsys, "--job", "j", "--gpus", "16", "--gpus-per-task", "4")
+    opts = _sbatch(script)
+    assert "--array=0-3" in opts and "--gres=gpu:4" in opts
+    assert "--device cuda:0,cuda:1,cuda:2,cuda:3" in script
+    assert main(["slurm", "--server", SERVER, "--job", "j", "--gpus", "6", "--gpus-per-task",
+                 "4", "--dry-run"]) == 2  # fmt: skip
+    assert "error: --gpus: 6 GPUs do not split into tasks of --gpus-per-task 4" in (
+        capsys.readouterr().err
+    )
+
+
 def test_cpu_workers_and_finish_on_term(capsys: pytest.CaptureFixture[str]) -> None:
     script = _dry(capsys, "job.yaml", "--gpus", "2", "--cpu", "--on-term", "finish")
     opts = _sbatch(script)
