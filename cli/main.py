@@ -251,6 +251,12 @@ def _run(args: argparse.Namespace) -> int:
         if hint is not None:
             print(f"hint: {hint}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:  # a full disk, a lost mount: one line, not a traceback
+        if isinstance(err, BrokenPipeError):  # main() ends a closed pipe quietly
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {_http_hint(err) or (err.strerror or str(err)) + where}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as err:
         hint = _http_hint(err)
         if hint is None:

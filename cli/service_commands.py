@@ -89,13 +89,21 @@ def _is_loopback(host: str) -> bool:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from kdcache.service import Settings, create_app
 
     overrides: dict[str, Any] = {"root": args.root}
     if args.db:
         overrides["db_url"] = args.db
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as err:
+        for e in err.errors():
+            name = "_".join(str(p) for p in e["loc"]).upper() or "settings"
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            print(f"error: KDCACHE_{name}: {msg}", file=sys.stderr)
+        return EXIT_USAGE
     open_classes = [c for c in settings.open_routes() if c != "read"]
     if open_classes and not _is_loopback(args.host):
         tokens = ", ".join(f"KDCACHE_{c.upper()}_TOKEN" for c in open_classes)

@@ -55,6 +55,8 @@ def _first(cfg: dict[str, Any], *keys: str) -> int | None:
 def read_teacher_config(hf_dir: str | Path) -> TeacherInfo:
     """Read vocab size, depth, width and context length from a HF ``config.json``."""
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config") or {}, dict):
+        raise ValueError("config.json must hold a JSON object (a Hugging Face model config)")
     return TeacherInfo(
         vocab_size=_first(cfg, "vocab_size", "padded_vocab_size"),
         num_layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers"),

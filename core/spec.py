@@ -30,8 +30,10 @@ __all__ = [
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HiddenDType = Literal["bfloat16", "float16", "float32"]
-_UNIFORM = re.compile(r"^uniform:(\d+)$")
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+# ASCII digits only: \d also matches other scripts' digits ("uniform:٣"), which int() accepts.
+_UNIFORM = re.compile(r"^uniform:([0-9]{1,6})$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,4}|mps)$")
+MIN_TEMPERATURE, MAX_TEMPERATURE, MAX_TEMPERATURES = 0.01, 1000.0, 64
 
 
 class _Model(BaseModel):
@@ -115,9 +117,14 @@ class OutputSpec(_Model):
     @field_validator("temperatures")
     @classmethod
     def _temps(cls, v: list[float]) -> list[float]:
-        bad = [t for t in v if not t > 0 or t != t or t == float("inf")]
+        if len(v) > MAX_TEMPERATURES:
+            raise ValueError(f"at most {MAX_TEMPERATURES} temperatures, got {len(v)}")
+        bad = [t for t in v if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE]
         if bad:
-            raise ValueError(f"temperatures must be finite and > 0, got {bad}")
+            raise ValueError(
+                f"temperatures must lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (logits / t "
+                f"overflows below), got {bad[:5]}"
+            )
         if len(set(v)) != len(v):
             raise ValueError(f"temperatures must be distinct, got {v}")
         # z_v = logprob_v + lse_1 needs lse at t=1, so t=1 is always cached (first when added).
@@ -198,16 +205,36 @@ def problems_from_validation(
     return out
 
 
+def _surrogates(data: Any, path: str = "") -> list[Problem]:
+    """Strings holding lone UTF-16 surrogates (``"\\ud800"`` in JSON): no file has such a name,
+    and no database or log can store them."""
+    if isinstance(data, str):
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in data):
+            return [Problem(path or "spec", "holds a lone surrogate (not valid Unicode text)")]
+        return []
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in _surrogates(v, f"{path}.{k}" if path else k)]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in _surrogates(v, f"{path}.{i}")]
+    return []
+
+
 def parse_spec(data: Any) -> JobSpec:
     """Validate a decoded spec (a dict); raise :class:`SpecError` with every problem found."""
     if isinstance(data, JobSpec):
         return data
     if not isinstance(data, dict):
         raise SpecError([Problem("spec", f"must be a mapping, got {type(data).__name__}")])
+    bad_text = _surrogates(data)
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(problems_from_validation(err)) from None
+        seen = {p.field for p in bad_text}
+        more = [p for p in problems_from_validation(err) if p.field not in seen]
+        raise SpecError([*bad_text, *more]) from None
+    if bad_text:
+        raise SpecError(bad_text)
+    return spec
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -28,6 +28,7 @@ Request validation errors are 422 ``invalid_request``; a locked or unreachable d
 from __future__ import annotations
 
 import errno
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,8 +69,16 @@ def error_body(
     return {"error": err}
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting odd input (a lone surrogate) still
+    encodes, so an error answer can never become a 500 itself."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _json(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Any:
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    return _AsciiJSON(body, status_code=status, headers=dict(headers or {}))
 
 
 _CORE: dict[type[KDCacheError], tuple[int, str]] = {

@@ -10,6 +10,7 @@ before that revives it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import uuid
@@ -19,7 +20,15 @@ from typing import Any
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from kdcache.core.errors import Conflict, KDCacheError, NotFound, Unprocessable
+from kdcache.core.errors import (
+    Conflict,
+    InsufficientStorage,
+    KDCacheError,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    Unprocessable,
+)
 from kdcache.core.layout import cache_url
 from kdcache.core.reader import CacheReader
 from kdcache.core.shards import ShardRecord, write_record
@@ -304,17 +313,34 @@ class LeaseBook:
                 raise refusal
         self._check_record(o, rec)  # reads the cache: outside the write transaction
         record = rec
-        with self.db.write() as s:
-            o = self._load(s, lease_id)
-            refusal = self._refusal(o)
-            if refusal is None:
-                self._mark_done(s, o, record, time.time())
-                # Published inside the transaction: a failed write rolls the completion back.
-                write_record(open_storage(self.cache_url(o.job.cache_id)), record)
-                view = job_of(s, o.job, self.root)
+        try:
+            with self.db.write() as s:
+                o = self._load(s, lease_id)
+                refusal = self._refusal(o)
+                if refusal is None:
+                    self._mark_done(s, o, record, time.time())
+                    # Published inside the transaction: a failed write rolls the completion back.
+                    write_record(open_storage(self.cache_url(o.job.cache_id)), record)
+                    view = job_of(s, o.job, self.root)
+        except OSError as err:
+            raise self._unpublished(lease_id, record.shard, err) from err
         if refusal is not None:
             raise refusal
         return view
+
+    def _unpublished(self, lease_id: str, shard: int, err: OSError) -> ServiceError:
+        """The record could not be written (a full disk, a lost mount): count a failed attempt
+        so the job is retried or failed, never left running with nobody on the shard."""
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "the storage root is full" if full else "the storage root cannot be written"
+        message = f"cannot publish the record of shard {shard}: {what} ({err.strerror or err})"
+        log.error("%s", message)
+        try:
+            self.fail(lease_id, message, retryable=True)
+        except ServiceError:  # the lease moved on meanwhile; nothing to count
+            pass
+        cls = InsufficientStorage if full else Unavailable
+        return cls(message)
 
     def _mark_done(self, s: Session, o: _Owned, record: ShardRecord, now: float) -> None:
         o.shard.status, o.shard.lease_id, o.shard.deadline = "done", None, None

@@ -16,7 +16,8 @@ from kdcache.core.errors import RangeNotSatisfiable
 __all__ = ["MAX_RANGE_HEADER", "ByteRange", "parse_range"]
 
 MAX_RANGE_HEADER = 200
-_SPEC = re.compile(r"^(\d{0,19})-(\d{0,19})$")
+# ASCII digits only (\d also matches "٣"); a last byte of any length is clamped to the object
+_SPEC = re.compile(r"^([0-9]{0,19})-([0-9]*)$")
 
 
 @dataclass(frozen=True)

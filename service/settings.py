@@ -18,6 +18,7 @@ from kdcache.core.storage import is_remote
 __all__ = ["RouteClass", "Settings", "get_settings"]
 
 RouteClass = Literal["admin", "worker", "read"]
+MIN_TOKEN_CHARS = 8
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,16 @@ class Settings(BaseSettings):
         "default 10 x max_attempts",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest accepted request body")
+    teacher_modules: str = Field(
+        "",
+        description="comma-separated modules (or packages) whose 'module:' teachers jobs "
+        "submitted over REST may name; empty (the default): none, only 'hf' teachers",
+    )
+
+    def allowed_teacher_module(self, module: str) -> bool:
+        """Whether ``pkg.mod`` of a ``pkg.mod:callable`` teacher is on the allowlist."""
+        allowed = [m.strip() for m in self.teacher_modules.split(",") if m.strip()]
+        return any(module == a or module.startswith(a + ".") for a in allowed)
 
     @field_validator("root")
     @classmethod
@@ -54,7 +65,17 @@ class Settings(BaseSettings):
     @field_validator("admin_token", "worker_token", "read_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, v: object) -> object:
-        return None if v == "" else v
+        """A blank token (spaces) is unset, not a token anyone can guess; a set token is at
+        least :data:`MIN_TOKEN_CHARS` characters without surrounding space."""
+        if isinstance(v, SecretStr):
+            v = v.get_secret_value()
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return None
+            if len(v) < MIN_TOKEN_CHARS:
+                raise ValueError(f"a token must have at least {MIN_TOKEN_CHARS} characters")
+        return v
 
     @model_validator(mode="after")
     def _default_db(self) -> Settings:

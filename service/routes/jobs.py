@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Query, Response
 
 from kdcache.core.wire import Job, JobList, JobStatus
 from kdcache.service.auth import AdminAuth, ReadAuth
-from kdcache.service.deps import StoreDep
+from kdcache.service.deps import SettingsDep, StoreDep
 from kdcache.service.routes._common import error_responses
 from kdcache.service.submit import plan_submission
 
@@ -35,9 +35,11 @@ _SPEC_BODY: dict[str, Any] = {
     },
     openapi_extra=_SPEC_BODY,
 )
-def submit_job(body: Annotated[Any, Body()], store: StoreDep, response: Response) -> Job:
+def submit_job(
+    body: Annotated[Any, Body()], store: StoreDep, settings: SettingsDep, response: Response
+) -> Job:
     """Submit a JobSpec: 201 with a new job, or 200 with the live job of the same cache."""
-    job, created = store.submit(plan_submission(body))
+    job, created = store.submit(plan_submission(body, settings.allowed_teacher_module))
     if not created:
         response.status_code = 200
     return job

@@ -160,7 +160,7 @@ def test_ctrl_c_ends_quietly() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> str:
     settings = Settings(
-        root=str(tmp_path_factory.mktemp("svc")), admin_token="adm", worker_token="wrk"
+        root=str(tmp_path_factory.mktemp("svc")), admin_token="adm-token", worker_token="wrk-token"
     )
     with serve(create_app(settings)) as url:
         yield url  # type: ignore[misc]
@@ -194,7 +194,7 @@ def test_no_http_log_lines_and_the_token_error_names_the_variable(server: str) -
 
 
 def test_cancel(server: str, tiny_teacher_dir: Path, tokens_npy: Path, tmp_path: Path) -> None:
-    env = _env(KDCACHE_SERVER=server, KDCACHE_TOKEN="adm")
+    env = _env(KDCACHE_SERVER=server, KDCACHE_TOKEN="adm-token")
     run = [sys.executable, "-m", "kdcache.cli"]
     job = _job(tmp_path, tiny_teacher_dir, tokens_npy, name="to-cancel")
     sub = subprocess.run([*run, "submit", str(job)], capture_output=True, text=True, env=env)

@@ -199,6 +199,7 @@ def fleet_env(module_dir: Path, markers: Path | None = None, sleep: float = 0.0)
     )
     env["KDCACHE_LEASE_SECONDS"] = str(LEASE_SECONDS)
     env["KDCACHE_MAX_ATTEMPTS"] = "5"
+    env["KDCACHE_TEACHER_MODULES"] = "fleet_slow_teacher"
     env["KDCACHE_TEST_SLEEP"] = str(sleep)
     if markers is not None:
         env["KDCACHE_TEST_MARKERS"] = str(markers)

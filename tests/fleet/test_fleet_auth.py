@@ -21,7 +21,7 @@ def test_serve_refuses_open_routes_off_loopback(
 ) -> None:
     for name in ("ADMIN", "WORKER", "READ"):
         monkeypatch.delenv(f"KDCACHE_{name}_TOKEN", raising=False)
-    monkeypatch.setenv("KDCACHE_ADMIN_TOKEN", "secret")
+    monkeypatch.setenv("KDCACHE_ADMIN_TOKEN", "secret-admin")
     assert main(["serve", "--root", str(tmp_path), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "KDCACHE_WORKER_TOKEN" in err and "KDCACHE_ADMIN_TOKEN" not in err, err
@@ -41,7 +41,9 @@ def test_tokens_are_required_and_accepted(
 
     assert main(["submit", str(job_file), "--server", fleet.url]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: unauthorized: ") and len(lines) <= 2, err
+    assert lines[1:] == [] or lines[1].startswith("hint: ") and "KDCACHE_TOKEN" in lines[1], err
     assert main(["submit", str(job_file), "--server", fleet.url, "--token", "wrk-secret"]) == 1
     capsys.readouterr()
     assert main(["submit", str(job_file), "--server", fleet.url, "--token", "adm-secret"]) == 0

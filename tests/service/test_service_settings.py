@@ -46,7 +46,7 @@ def test_bad_values_are_refused(tmp_path: Path, field: str, value: object) -> No
 
 
 def test_empty_token_means_unset(tmp_path: Path) -> None:
-    s = Settings(root=str(tmp_path), admin_token="", worker_token="w")
+    s = Settings(root=str(tmp_path), admin_token="", worker_token="worker-token")
     assert s.open_routes() == ["admin", "read"]
 
 
