@@ -18,6 +18,8 @@ import yaml
 from _net import serve
 from test_cli import _job, kdcache
 
+from kdcache.core.cachestats import cache_stats
+from kdcache.core.reader import CacheReader
 from kdcache.service import Settings, create_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,3 +211,62 @@ def test_cancel(server: str, tiny_teacher_dir: Path, tokens_npy: Path, tmp_path:
     assert job_id in jobs.stdout
     again = subprocess.run([*run, "cancel", "nope"], capture_output=True, text=True, env=env)
     assert again.returncode == 1 and "not_found" in again.stderr
+
+
+def test_report_of_a_served_cache(
+    root: Path, tmp_path: Path, tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    """`kdcache report http://…/v1/caches/<id>` reads through the service like a local path."""
+    served = tmp_path / "served"
+    shutil.copytree(_cache(root), served / "caches" / _cache(root).name)
+    settings = Settings(root=str(served), admin_token="adm", read_token="rd")
+    with serve(create_app(settings)) as url:
+        env = _env(KDCACHE_SERVER=url, KDCACHE_TOKEN="adm")
+        job = _job(tmp_path, tiny_teacher_dir, tokens_npy)
+        sub = subprocess.run(
+            [sys.executable, "-m", "kdcache.cli", "submit", str(job)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert sub.returncode == 0, sub.stderr
+        cache_url = sub.stdout.strip().splitlines()[-1]
+        assert cache_url == f"{url}/v1/caches/{_cache(root).name}"
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdcache.cli",
+                "report",
+                cache_url,
+                "--out",
+                str(tmp_path / "r"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**env, "KDCACHE_TOKEN": "rd"},
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        got = json.loads((tmp_path / "r" / "report.json").read_text())
+        want = cache_stats(CacheReader(str(_cache(root))))  # the same numbers as a local read
+        assert got["positions"] == want.positions == 128 and got["rows_done"] == 8
+        assert got["tail"]["2"]["p95"] == pytest.approx(want.tail["2"]["p95"], abs=1e-12)
+        no_token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdcache.cli",
+                "report",
+                cache_url,
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+        assert no_token.returncode == 1 and "KDCACHE_TOKEN" in no_token.stderr, no_token.stderr
+        assert "Traceback" not in no_token.stderr
