@@ -30,6 +30,9 @@ TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
     "topk_indices": np.dtype(np.int64),
     "topk_logprobs": np.dtype(np.float32),
     "topk_logsumexp": np.dtype(np.float32),
+    "sample_indices": np.dtype(np.int64),
+    "sample_counts": np.dtype(np.int64),
+    "sample_logprobs": np.dtype(np.float32),
 }
 
 

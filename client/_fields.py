@@ -9,6 +9,9 @@ bool (with ``topk``, so losses train only the positions the cache marks), and ``
 ``loss_mask[j]`` is true when position j's prediction of token j+1 is trained. A cache written
 before the ``loss_mask`` array existed reads as true everywhere but the last position of a row
 (:func:`default_loss_mask`).
+
+``sample_indices`` (T, m) int64, ``sample_counts`` (T, m) int64 and ``sample_logprobs`` (T, m)
+float32 (the teacher's draws at t=1; ``temperatures`` and ``loss_mask`` come with them too).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from kdcache.core.format import (
     ARRAY_LOGPROBS,
     ARRAY_LOGSUMEXP,
     ARRAY_LOSS_MASK,
+    ARRAY_SAMPLE_COUNTS,
+    ARRAY_SAMPLE_INDICES,
+    ARRAY_SAMPLE_LOGPROBS,
     Manifest,
     hidden_array,
 )
@@ -42,12 +48,17 @@ TOPK_KEYS = {
     "topk_indices": ARRAY_INDICES,
     "topk_logsumexp": ARRAY_LOGSUMEXP,
 }
+SAMPLE_KEYS = {
+    "sample_indices": ARRAY_SAMPLE_INDICES,
+    "sample_counts": ARRAY_SAMPLE_COUNTS,
+    "sample_logprobs": ARRAY_SAMPLE_LOGPROBS,
+}
 LOSS_MASK = "loss_mask"
 
 
 def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]:
-    """Normalise field names: ``"topk"`` -> its three keys and ``loss_mask``, ``"hidden"`` ->
-    every layer.
+    """Normalise field names: ``"topk"`` / ``"sample"`` -> their three keys and ``loss_mask``,
+    ``"hidden"`` -> every layer.
 
     ``None`` means everything the cache holds (``loss_mask`` included, stored or default).
     Unknown names raise ValueError naming the fields the cache has.
@@ -57,12 +68,16 @@ def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]
         available += list(TOPK_KEYS)
     available.append(LOSS_MASK)
     available += [f"hidden_{layer}" for layer in manifest.hidden_layers]
+    if manifest.sample_draws:
+        available += list(SAMPLE_KEYS)
     if fields is None:
         return available
     out: list[str] = []
     for f in [fields] if isinstance(fields, str) else fields:
         if f == "topk" and manifest.topk:
             names = [*TOPK_KEYS, LOSS_MASK]
+        elif f == "sample" and manifest.sample_draws:
+            names = [*SAMPLE_KEYS, LOSS_MASK]
         elif f == "hidden":
             names = [f"hidden_{layer}" for layer in manifest.hidden_layers]
         elif f in available:
@@ -70,7 +85,7 @@ def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]
         else:
             raise ValueError(
                 f"field {f!r} is not in this cache; it has {available} "
-                "(and the groups 'topk', 'hidden')"
+                "(and the groups 'topk', 'sample', 'hidden')"
             )
         out += [n for n in names if n not in out]
     return out
@@ -87,6 +102,8 @@ def arrays_for(fields: Iterable[str]) -> dict[str, str]:
             out[f] = ARRAY_LOSS_MASK
         elif f in TOPK_KEYS:
             out[f] = TOPK_KEYS[f]
+        elif f in SAMPLE_KEYS:
+            out[f] = SAMPLE_KEYS[f]
         elif f.startswith("hidden_"):
             out[f] = hidden_array(int(f.removeprefix("hidden_")))
     return out
@@ -107,9 +124,9 @@ def default_loss_mask(n: int, stored_len: int, seq_len: int | None = None) -> np
 
 
 def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
-    if field in ("input_ids", "topk_indices"):
+    if field in ("input_ids", "topk_indices", "sample_indices", "sample_counts"):
         return torch.from_numpy(data.astype(np.int64, copy=False))
-    if field in ("topk_logprobs", "topk_logsumexp"):
+    if field in ("topk_logprobs", "topk_logsumexp", "sample_logprobs"):
         return torch.from_numpy(data.astype(np.float32, copy=False))
     if field == LOSS_MASK:
         return torch.from_numpy(data.astype(np.bool_, copy=False))
@@ -137,7 +154,7 @@ def to_tensors(
     if LOSS_MASK in fields and LOSS_MASK not in data:
         mask = default_loss_mask(len(rows), manifest.seq_len, seq_len)
         out[LOSS_MASK] = torch.from_numpy(mask)
-    if any(f in data for f in TOPK_KEYS):
+    if any(f in data for f in (*TOPK_KEYS, *SAMPLE_KEYS)):
         temps = torch.tensor(manifest.temperatures, dtype=torch.float32)
         out["temperatures"] = temps.expand(len(rows), -1) if len(rows) else temps[None][:0]
     return out

@@ -36,6 +36,7 @@ from kdcache.client._divergences import (
     masked_mean,
     require_choice,
 )
+from kdcache.client._sampled import TARGETS, exact_topk_terms, resolve_targets, sampled_kd_loss
 from kdcache.core.errors import TemperatureNotCachedError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ __all__ = [
     "DIVERGENCES",
     "HIDDEN_KINDS",
     "TAILS",
+    "TARGETS",
     "Projections",
     "dense_kd_loss",
     "hidden_loss",
@@ -217,6 +219,7 @@ def kd_loss(
     divergence: str = "forward_kl",
     tail: str = "bucket",
     mask: Tensor | None = None,
+    targets: str | None = None,
 ) -> Tensor:
     """Top-k KD loss of a student against a cached teacher; a scalar tensor.
 
@@ -227,6 +230,9 @@ def kd_loss(
     mask: (B, T) bool, positions to average over; None for the batch's ``loss_mask`` (what a
     cache marks trained), or all B * T when the batch has none.
     Returns ``temperature**2 * divergence(teacher_t, student_t)`` averaged over positions.
+    targets: ``"topk"`` (default when the batch has top-k), ``"sample"`` (default otherwise) or
+    ``"topk+sample"``: unbiased estimates from the cached draws, forward KL only
+    (:mod:`kdcache.client._sampled`; ``tail`` does not apply).
 
     Raises TemperatureNotCachedError (a ValueError) for an uncached temperature with
     ``tail="bucket"`` or ``"ignore"``; ValueError for unknown choices or mismatched shapes.
@@ -234,6 +240,9 @@ def kd_loss(
     require_choice(divergence, DIVERGENCES, "divergence")
     require_choice(tail, TAILS, "tail")
     t = _check_temperature(temperature)
+    targets = resolve_targets(batch, targets)
+    if targets != "topk":
+        return _sampled(student_logits, batch, t, divergence, mask, targets)
     logprobs, indices = _topk_inputs(student_logits, batch)
     mask = _default_mask(batch, mask)
     dtype = _compute_dtype(student_logits)
@@ -259,6 +268,43 @@ def kd_loss(
         log_p = torch.cat([log_p, _student_tail(scaled, indices, log_z)], dim=-1)
     per_position = divergence_terms(log_q, log_p, divergence).sum(-1)
     return t**2 * masked_mean(per_position, mask)
+
+
+def _sampled(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    t: float,
+    divergence: str,
+    mask: Tensor | None,
+    targets: str,
+) -> Tensor:
+    if student_logits.dim() != 3:
+        raise ValueError(
+            f"student_logits must be (B, T, V); got shape {tuple(student_logits.shape)}"
+        )
+
+    def lse_index(b: Mapping[str, Any], n_temps: int, temp: float) -> tuple[int, int]:
+        temps = _cached_temperatures(b, n_temps)
+        return _temperature_index(temps, temp), _temperature_index(temps, 1.0)
+
+    def exact_topk(
+        logits: Tensor, b: Mapping[str, Any], temp: float, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        logprobs, indices = _topk_inputs(logits, b)
+        scaled = logits.to(dtype) / temp
+        log_p = scaled.gather(-1, indices) - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        return exact_topk_terms(_teacher_topk(b, logprobs, temp, dtype), log_p), indices
+
+    return sampled_kd_loss(
+        student_logits,
+        batch,
+        t,
+        divergence,
+        mask,
+        hybrid=targets == "topk+sample",
+        lse_index=lse_index,
+        exact_topk=exact_topk,
+    )
 
 
 def dense_kd_loss(

@@ -8,6 +8,9 @@ the teacher's prediction of token j+1::
     topk/indices     (N, T, k)       uint16 | int32 (smallest that holds V)
     topk/logsumexp   (N, T, n_temps) float32   log sum_v exp(z_v / t), full vocabulary
     hidden/<layer>   (N, T, d)       float16 | float32 | uint16 bits with attr dtype: bfloat16
+    sample/indices   (N, T, m)       index dtype: unique ids drawn from the teacher at t=1
+    sample/counts    (N, T, m)       uint8 | uint16: how often each was drawn, 0 = padding
+    sample/logprobs  (N, T, m)       float16   z_v - lse_1 of each drawn id (0 on padding)
 
 Every array is sharded along rows: one Zarr shard = ``rows_per_shard`` rows = one lease, so a
 worker always writes whole shard objects. Inside a shard, chunks are small enough that reading one
@@ -32,6 +35,7 @@ __all__ = [
     "ARRAY_LOSS_MASK",
     "ARRAY_SAMPLE_COUNTS",
     "ARRAY_SAMPLE_INDICES",
+    "ARRAY_SAMPLE_LOGPROBS",
     "FORMAT_VERSION",
     "ArraySpec",
     "Manifest",
@@ -39,6 +43,7 @@ __all__ = [
     "hidden_array",
     "index_dtype",
     "plan_chunks",
+    "sample_count_dtype",
     "shard_key",
     "shard_rows",
 ]
@@ -55,6 +60,8 @@ ARRAY_SAMPLE_INDICES = "sample/indices"
 """(N, T, m): unique ids drawn from the teacher at t=1 (issue 9)."""
 ARRAY_SAMPLE_COUNTS = "sample/counts"
 """(N, T, m): how often each of ``sample/indices`` was drawn; 0 = padding (issue 9)."""
+ARRAY_SAMPLE_LOGPROBS = "sample/logprobs"
+"""(N, T, m) float16: the teacher's exact log-probability at t=1 of each drawn id (issue 9)."""
 CHUNK_TARGET_BYTES = 1 << 20
 HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
@@ -67,6 +74,11 @@ def hidden_array(layer: int) -> str:
 def index_dtype(vocab_size: int) -> str:
     """The smallest of uint16 / int32 that holds every id of a vocabulary."""
     return "uint16" if vocab_size <= 1 << 16 else "int32"
+
+
+def sample_count_dtype(draws: int) -> str:
+    """The smallest of uint8 / uint16 that holds a count of up to ``draws``."""
+    return "uint8" if draws <= 255 else "uint16"
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -131,6 +143,8 @@ class Manifest:
     teacher: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     codecs: dict[str, Any] = field(default_factory=dict)
+    sample_draws: int = 0
+    sample_seed: int = 0
     format_version: int = FORMAT_VERSION
 
     @property
@@ -140,6 +154,11 @@ class Manifest:
     @property
     def num_tokens(self) -> int:
         return self.num_rows * self.seq_len
+
+    @property
+    def sample_width(self) -> int:
+        """m, the last axis of ``sample/*``: no position has more distinct draws than this."""
+        return min(self.sample_draws, self.vocab_size)
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         return shard_rows(shard, self.rows_per_shard, self.num_rows)
@@ -187,4 +206,11 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         stored = HIDDEN_STORAGE[m.hidden_dtype]
         for layer in m.hidden_layers:
             out.append(ArraySpec(hidden_array(layer), (t, m.hidden_size), stored, m.hidden_dtype))
+    if m.sample_draws:
+        w, counts = m.sample_width, sample_count_dtype(m.sample_draws)
+        out += [
+            ArraySpec(ARRAY_SAMPLE_INDICES, (t, w), m.index_dtype, m.index_dtype),
+            ArraySpec(ARRAY_SAMPLE_COUNTS, (t, w), counts, counts),
+            ArraySpec(ARRAY_SAMPLE_LOGPROBS, (t, w), "float16", "float16"),
+        ]
     return out

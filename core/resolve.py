@@ -95,7 +95,7 @@ class JobPlan:
     def identity(self) -> dict[str, Any]:
         """What the cache id hashes: the numbers' causes, never file locations."""
         out = self.spec.outputs
-        return {
+        identity: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "teacher": self.teacher_fingerprint,
             "teacher_dtype": self.spec.teacher.dtype,
@@ -107,6 +107,10 @@ class JobPlan:
             "hidden_dtype": out.hidden_dtype,
             "rows_per_shard": self.spec.rows_per_shard,
         }
+        # Options at their defaults stay out, so caches made before they existed keep their ids.
+        if out.sample_draws:
+            identity.update(sample_draws=out.sample_draws, sample_seed=out.sample_seed)
+        return identity
 
     @property
     def cache_id(self) -> str:

@@ -113,6 +113,10 @@ class OutputSpec(_Model):
         description='HF hidden_states indices, or "uniform:S" for an S-layer student',
     )
     hidden_dtype: HiddenDType = "bfloat16"
+    sample_draws: int = Field(
+        0, ge=0, le=65535, description="draws per position from the teacher at t=1; 0 = off"
+    )
+    sample_seed: int = Field(0, ge=0, lt=1 << 63, description="seed of the draws (per row)")
 
     @field_validator("temperatures")
     @classmethod
@@ -147,8 +151,8 @@ class OutputSpec(_Model):
 
     @model_validator(mode="after")
     def _something(self) -> OutputSpec:
-        if self.topk == 0 and not self.hidden_layers:
-            raise ValueError("nothing to keep: set topk > 0 or hidden_layers")
+        if self.topk == 0 and not self.hidden_layers and not self.sample_draws:
+            raise ValueError("nothing to keep: set topk > 0, sample_draws > 0 or hidden_layers")
         return self
 
     def uniform_student_layers(self) -> int | None:

@@ -88,6 +88,8 @@ def build_manifest(
         teacher=teacher,
         dataset=dataset,
         codecs=dict(CODECS),
+        sample_draws=spec.outputs.sample_draws,
+        sample_seed=spec.outputs.sample_seed,
     )
 
 
@@ -165,6 +167,8 @@ class ShardRunner:
             hidden_dtype=m.hidden_dtype,
             index_dtype=m.index_dtype,
             on_batch=on_batch,
+            sample_draws=m.sample_draws,
+            sample_seed=m.sample_seed,
         )
         data["input_ids"] = np.ascontiguousarray(ids, dtype=np.int32)
         return data
