@@ -269,8 +269,9 @@ def extract(
 ) -> dict[str, np.ndarray]:
     """Run the teacher once on ``ids`` (B, T) and return the cache arrays for those rows.
 
-    ``row_offset`` is the dataset row of ``ids[0]`` (named in errors). ``topk == 0`` omits the
-    three ``topk/*`` arrays. ``fused`` (default) applies a :class:`FusedTeacher`'s LM head a
+    ``row_offset`` is the dataset row of ``ids[0]`` (named in errors; it keys the draws).
+    ``topk == 0`` omits the three ``topk/*`` arrays, ``sample_draws == 0`` the ``sample/*`` ones.
+    ``fused`` (default) applies a :class:`FusedTeacher`'s LM head a
     chunk of positions at a time instead of asking the model for (B, T, V) logits; teachers
     without a linear head run unfused either way. Raises :class:`DatasetError` for ids outside
     the vocabulary and :class:`TeacherError` when the teacher's logits are not (B, T, V) or not
