@@ -242,7 +242,7 @@ def kd_loss(
     t = _check_temperature(temperature)
     targets = resolve_targets(batch, targets)
     if targets != "topk":
-        return _sampled(student_logits, batch, t, divergence, mask, targets)
+        return _sampled(student_logits, batch, t, divergence, _default_mask(batch, mask), targets)
     logprobs, indices = _topk_inputs(student_logits, batch)
     mask = _default_mask(batch, mask)
     dtype = _compute_dtype(student_logits)
