@@ -6,6 +6,7 @@ Per row block ``ids`` (B, T), :func:`extract` returns, keyed by the cache's arra
     topk/indices     (B, T, k)       index_dtype (uint16 when V <= 65536, else int32)
     topk/logsumexp   (B, T, n_temps) float32   log sum_v exp(z_v / t) over the full vocabulary
     hidden/<layer>   (B, T, d)       float16 | float32 | uint16 (the bits of bfloat16)
+    sample/*         (B, T, m)       draws from the teacher at t=1 (:mod:`kdcache.worker.sampling`)
 
 The logits math runs in float32, ``t_chunk`` positions at a time (:func:`chunk_arrays`), so a
 float32 copy of the whole (B, T, V) logits never exists at once. For a teacher with a linear LM
@@ -28,8 +29,13 @@ from kdcache.core.format import (
     ARRAY_INDICES,
     ARRAY_LOGPROBS,
     ARRAY_LOGSUMEXP,
+    ARRAY_SAMPLE_COUNTS,
+    ARRAY_SAMPLE_INDICES,
+    ARRAY_SAMPLE_LOGPROBS,
     hidden_array,
+    sample_count_dtype,
 )
+from kdcache.worker.sampling import row_uniforms, sample_chunk
 from kdcache.worker.teachers import FusedTeacher, Teacher
 
 __all__ = [
@@ -107,14 +113,27 @@ class LogitOutputs:
 
     topk: int
     temperatures: tuple[float, ...]
+    sample_draws: int = 0
+    sample_seed: int = 0
+
+    def uniforms(self, row_offset: int, b: int, t: int) -> torch.Tensor | None:
+        """The draws' uniforms of rows row_offset.. (B, T, N) float64, or None without draws."""
+        if not self.sample_draws:
+            return None
+        rows = range(row_offset, row_offset + b)
+        return torch.from_numpy(row_uniforms(self.sample_seed, rows, t, self.sample_draws))
 
 
-def chunk_arrays(z: torch.Tensor, want: LogitOutputs) -> dict[str, torch.Tensor]:
+def chunk_arrays(
+    z: torch.Tensor, want: LogitOutputs, uniforms: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The cache arrays of one chunk of positions, from its logits; everything stays on z's device.
 
     ``z``: (B, t, V) float32 logits of t positions (never the whole sequence at once). Returns
     ``topk/logprobs`` (B, t, k) float16, ``topk/indices`` (B, t, k) int32 (narrowed to the cache's
-    index dtype on the host) and ``topk/logsumexp`` (B, t, n_temps) float32.
+    index dtype on the host) and ``topk/logsumexp`` (B, t, n_temps) float32 when ``want.topk``;
+    with ``uniforms`` (B, t, N) float64 also ``sample/indices`` (B, t, m) int32,
+    ``sample/counts`` (B, t, m) int32 and ``sample/logprobs`` (B, t, m) float16.
     """
     temps = want.temperatures
     # One max and one (B, t, V) buffer serve every temperature: lse_t = m/t + log sum exp((z-m)/t)
@@ -126,12 +145,19 @@ def chunk_arrays(z: torch.Tensor, want: LogitOutputs) -> dict[str, torch.Tensor]
         torch.mul(shifted, 1.0 / t, out=buf) if t != 1.0 else buf.copy_(shifted)
         lses.append(buf.exp_().sum(dim=-1).log_().add_(m.squeeze(-1), alpha=1.0 / t))
     lse1 = lses[temps.index(1.0)] if 1.0 in temps else lses.pop()
-    vals, idx = torch.topk(z, want.topk, dim=-1, sorted=True)
-    return {
-        ARRAY_LOGPROBS: (vals - lse1.unsqueeze(-1)).to(torch.float16),
-        ARRAY_INDICES: idx.to(torch.int32),
-        ARRAY_LOGSUMEXP: torch.stack(lses, dim=-1),
-    }
+    out: dict[str, torch.Tensor] = {}
+    if want.topk:
+        vals, idx = torch.topk(z, want.topk, dim=-1, sorted=True)
+        out[ARRAY_LOGPROBS] = (vals - lse1.unsqueeze(-1)).to(torch.float16)
+        out[ARRAY_INDICES] = idx.to(torch.int32)
+        out[ARRAY_LOGSUMEXP] = torch.stack(lses, dim=-1)
+    if uniforms is not None:
+        width = min(want.sample_draws, z.shape[-1])
+        ids, counts, logprobs = sample_chunk(z, lse1, uniforms.to(z.device), width)
+        out[ARRAY_SAMPLE_INDICES] = ids.to(torch.int32)
+        out[ARRAY_SAMPLE_COUNTS] = counts.to(torch.int32)
+        out[ARRAY_SAMPLE_LOGPROBS] = logprobs.to(torch.float16)
+    return out
 
 
 def _logit_chunks(
@@ -195,6 +221,7 @@ def _launch(
     hidden_dtype: str,
     t_chunk: int | None,
     fused: bool,
+    row_offset: int = 0,
 ) -> _Landing:
     """Queue one batch: forward, per-chunk logits work and copies to the host; no waiting."""
     b, t = ids.shape
@@ -224,11 +251,13 @@ def _launch(
         logits_of = lambda t0, t1: logits[:, t0:t1].float()  # noqa: E731
     land = _Landing(b, t)
     with torch.inference_mode():
-        if want.topk:
+        if want.topk or want.sample_draws:
             budget = CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
             step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v, budget)
+            uniforms = want.uniforms(row_offset, b, t)
             for t0, z in _logit_chunks(t, step, logits_of):
-                for name, part in chunk_arrays(z, want).items():
+                u = None if uniforms is None else uniforms[:, t0 : t0 + z.shape[1]]
+                for name, part in chunk_arrays(z, want, u).items():
                     land.put(name, t0, part)
         for layer in layers:
             land.put(hidden_array(layer), 0, _hidden_on_device(hidden[layer], hidden_dtype))
@@ -237,16 +266,28 @@ def _launch(
 
 
 def _finish(
-    land: _Landing, teacher: Teacher, index_dtype: np.dtype, hidden_dtype: str, row_offset: int
+    land: _Landing,
+    teacher: Teacher,
+    index_dtype: np.dtype,
+    hidden_dtype: str,
+    row_offset: int,
+    sample_draws: int = 0,
 ) -> dict[str, np.ndarray]:
     """Wait for a launched batch; its arrays in the cache dtypes, non-finite logits refused."""
     out = land.arrays()
-    if ARRAY_LOGSUMEXP in out:
-        finite = np.isfinite(out[ARRAY_LOGSUMEXP]).reshape(out[ARRAY_LOGSUMEXP].shape[0], -1)
+    for name in (ARRAY_LOGSUMEXP, ARRAY_SAMPLE_LOGPROBS):
+        if name not in out:
+            continue
+        finite = np.isfinite(out[name]).reshape(out[name].shape[0], -1)
         if not finite.all():
             r = int(np.argmin(finite.all(axis=1)))
             raise TeacherError(f"{teacher.description}: non-finite logits at row {row_offset + r}")
+    if ARRAY_INDICES in out:
         out[ARRAY_INDICES] = out[ARRAY_INDICES].astype(index_dtype, copy=False)
+    if ARRAY_SAMPLE_INDICES in out:
+        out[ARRAY_SAMPLE_INDICES] = out[ARRAY_SAMPLE_INDICES].astype(index_dtype, copy=False)
+        count_dtype = sample_count_dtype(sample_draws)
+        out[ARRAY_SAMPLE_COUNTS] = out[ARRAY_SAMPLE_COUNTS].astype(count_dtype)
     if hidden_dtype == "bfloat16":
         for k, a in out.items():
             if k.startswith("hidden/"):
@@ -266,6 +307,8 @@ def extract(
     t_chunk: int | None = None,
     row_offset: int = 0,
     fused: bool = True,
+    sample_draws: int = 0,
+    sample_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Run the teacher once on ``ids`` (B, T) and return the cache arrays for those rows.
 
@@ -280,9 +323,9 @@ def extract(
     idt = np.dtype(index_dtype)
     _check_args(teacher, topk, temperatures, idt)
     check_ids(ids, teacher.vocab_size, row_offset)
-    want = LogitOutputs(topk=topk, temperatures=tuple(float(t) for t in temperatures))
-    land = _launch(teacher, ids, want, layers, hidden_dtype, t_chunk, fused)
-    return _finish(land, teacher, idt, hidden_dtype, row_offset)
+    want = LogitOutputs(topk, tuple(float(t) for t in temperatures), sample_draws, sample_seed)
+    land = _launch(teacher, ids, want, layers, hidden_dtype, t_chunk, fused, row_offset)
+    return _finish(land, teacher, idt, hidden_dtype, row_offset, sample_draws)
 
 
 def extract_batches(
@@ -299,6 +342,8 @@ def extract_batches(
     t_chunk: int | None = None,
     fused: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    sample_draws: int = 0,
+    sample_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """:func:`extract` over ``ids`` (N, T) in batches of ``batch_size`` rows; same keys, N rows.
 
@@ -308,12 +353,12 @@ def extract_batches(
     idt = np.dtype(index_dtype)
     _check_args(teacher, topk, temperatures, idt)
     check_ids(ids, teacher.vocab_size, row_offset)  # fail before any forward, not mid-shard
-    want = LogitOutputs(topk=topk, temperatures=tuple(float(t) for t in temperatures))
+    want = LogitOutputs(topk, tuple(float(t) for t in temperatures), sample_draws, sample_seed)
     n = ids.shape[0]
     result: dict[str, np.ndarray] = {}
 
     def land(start: int, batch: _Landing) -> None:
-        part = _finish(batch, teacher, idt, hidden_dtype, row_offset + start)
+        part = _finish(batch, teacher, idt, hidden_dtype, row_offset + start, sample_draws)
         if not result:
             result.update({k: np.empty((n, *a.shape[1:]), dtype=a.dtype) for k, a in part.items()})
         for k, a in part.items():
@@ -327,7 +372,9 @@ def extract_batches(
     pending: tuple[int, _Landing] | None = None
     for start in range(0, n, batch_size):
         end = min(n, start + batch_size)
-        batch = _launch(teacher, ids[start:end], want, layers, hidden_dtype, t_chunk, fused)
+        batch = _launch(
+            teacher, ids[start:end], want, layers, hidden_dtype, t_chunk, fused, row_offset + start
+        )
         if pending is not None:
             land(*pending)
         pending = (start, batch)
