@@ -96,10 +96,12 @@ class TeacherError(KDCacheError):
 
 
 class DatasetError(KDCacheError, ValueError):
-    """The dataset holds something the teacher cannot run on; ``row`` is the dataset row."""
+    """The dataset holds something the teacher cannot run on; ``row`` is the dataset row,
+    ``field`` the spec field at fault (``dataset.messages_field``) where one is."""
 
-    def __init__(self, message: str, *, row: int | None = None) -> None:
+    def __init__(self, message: str, *, row: int | None = None, field: str | None = None) -> None:
         self.row = row
+        self.field = field
         super().__init__(message)
 
 

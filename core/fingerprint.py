@@ -17,6 +17,7 @@ from typing import Any
 from kdcache.core._fpcache import cached_hash
 
 __all__ = [
+    "HF_DATA_SUFFIXES",
     "cache_id",
     "canonical_json",
     "dataset_fingerprint",
@@ -36,7 +37,11 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
 )
+HF_DATA_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl")
+"""Files a Hugging Face dataset may be given as (alone, or as a folder of them)."""
 _BLOCK = 8 << 20
 
 
@@ -98,8 +103,21 @@ def tokenizer_fingerprint(tokenizer_dir: str | None) -> str | None:
 
 
 def dataset_fingerprint(path: str | Path, params: dict[str, Any] | None = None) -> str:
-    """Hash of a dataset file's bytes plus the parameters that turn it into rows."""
-    h = hashlib.sha256(hash_file(path).encode())
+    """Hash of a dataset's bytes plus the parameters that turn it into rows.
+
+    ``path`` is a file, or a folder (a ``datasets.save_to_disk`` folder, a folder of data files):
+    then every file in it but hidden ones, by relative path and content.
+    """
+    root = Path(path)
+    if root.is_dir():
+        files = [
+            p
+            for p in root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ]
+        h = hashlib.sha256(("dir:" + _hash_named_files(root, files)).encode())
+    else:
+        h = hashlib.sha256(hash_file(root).encode())
     if params:
         h.update(canonical_json(params).encode())
     return h.hexdigest()

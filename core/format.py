@@ -4,6 +4,7 @@ A cache is one Zarr v3 group. Row i of every array is dataset row i; position j 
 the teacher's prediction of token j+1::
 
     input_ids        (N, T)          int32
+    loss_mask        (N, T)          bool      position j's prediction of token j+1 is trained
     topk/logprobs    (N, T, k)       float16   z_v - lse_1 of the top-k, sorted descending
     topk/indices     (N, T, k)       uint16 | int32 (smallest that holds V)
     topk/logsumexp   (N, T, n_temps) float32   log sum_v exp(z_v / t), full vocabulary
@@ -145,6 +146,8 @@ class Manifest:
     codecs: dict[str, Any] = field(default_factory=dict)
     sample_draws: int = 0
     sample_seed: int = 0
+    loss_mask: bool = False
+    """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -193,6 +196,8 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
     """Every array a cache with this manifest holds."""
     t = m.seq_len
     out = [ArraySpec(ARRAY_INPUT_IDS, (t,), "int32", "int32")]
+    if m.loss_mask:
+        out.append(ArraySpec(ARRAY_LOSS_MASK, (t,), "bool", "bool"))
     if m.topk > 0:
         k, n = m.topk, len(m.temperatures)
         out += [

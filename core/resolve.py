@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from kdcache.core import fingerprint as fp
+from kdcache.core.documents import check_head, has_chat_template
 from kdcache.core.errors import Problem, SpecError
 from kdcache.core.format import FORMAT_VERSION
-from kdcache.core.spec import JobSpec, parse_spec, read_spec_file
+from kdcache.core.spec import DatasetSpec, JobSpec, parse_spec, read_spec_file
 
 __all__ = [
     "JobPlan",
@@ -106,6 +107,7 @@ class JobPlan:
             "hidden_layers": out.hidden_layers,
             "hidden_dtype": out.hidden_dtype,
             "rows_per_shard": self.spec.rows_per_shard,
+            "loss_mask": True,
         }
         # Options at their defaults stay out, so caches made before they existed keep their ids.
         if out.sample_draws:
@@ -268,11 +270,40 @@ def _resolve_tokens(path: Path, problems: list[Problem]) -> tuple[int | None, in
     return n, t
 
 
+def _data_problem(ds: DatasetSpec, path: Path) -> Problem | None:
+    key = "tokens" if ds.tokens else "jsonl" if ds.jsonl else "hf"
+    if ds.hf is not None:
+        return (
+            None if path.exists() else Problem("dataset.hf", f"no such file or directory: {path}")
+        )
+    return None if path.is_file() else Problem(f"dataset.{key}", f"no such file: {path}")
+
+
+def _document_params(ds: DatasetSpec, tok_fp: str | None) -> dict[str, Any]:
+    """What turns documents into rows, hashed with the data's bytes (chat template: in tok)."""
+    params: dict[str, Any] = {
+        "text_field": ds.field,
+        "seq_len": ds.seq_len,
+        "pack": ds.pack,
+        "tok": tok_fp,
+    }
+    if ds.hf is not None:
+        params.update(kind="hf", split=ds.split or "train")
+    if ds.messages_field is not None:
+        params.update(messages_field=ds.messages_field)
+        params.pop("text_field")
+    if ds.max_rows is not None:
+        params.update(max_rows=ds.max_rows)
+    return params
+
+
 def resolve_job(spec: JobSpec, base_dir: str | Path | None = None) -> JobPlan:
     """Check ``spec`` against the files it names; raise :class:`SpecError` listing every problem.
 
     Relative paths are taken from ``base_dir`` (the spec file's folder) when they exist there,
-    else from the working directory; the plan's spec holds absolute paths.
+    else from the working directory; the plan's spec holds absolute paths. Document datasets
+    (jsonl, hf) get their first rows checked (:func:`kdcache.core.documents.check_head`); their
+    row count is only known once tokenised.
     """
     base = Path(base_dir) if base_dir is not None else None
     problems: list[Problem] = []
@@ -280,14 +311,11 @@ def resolve_job(spec: JobSpec, base_dir: str | Path | None = None) -> JobPlan:
     ds = spec.dataset
     num_rows: int | None = None
     seq_len = ds.seq_len or 0
-    data_path = _abs(ds.tokens or ds.jsonl or "", base)
+    data_path = _abs(ds.tokens or ds.documents or "", base)
     tok_dir: str | None = None
-    if not data_path.is_file():
-        problems.append(
-            Problem(
-                "dataset.tokens" if ds.tokens else "dataset.jsonl", f"no such file: {data_path}"
-            )
-        )
+    missing = _data_problem(ds, data_path)
+    if missing is not None:
+        problems.append(missing)
     elif ds.tokens is not None:
         n, t = _resolve_tokens(data_path, problems)
         num_rows, seq_len = n, t or 0
@@ -295,33 +323,34 @@ def resolve_job(spec: JobSpec, base_dir: str | Path | None = None) -> JobPlan:
         tok_dir = str(_abs(ds.tokenizer, base))
         if not Path(tok_dir).is_dir():
             problems.append(Problem("dataset.tokenizer", f"no such directory: {tok_dir}"))
+            tok_dir = None
     elif hf_dir is not None and fp.tokenizer_fingerprint(hf_dir) is not None:
         tok_dir = hf_dir
-    if ds.jsonl is not None and tok_dir is None and not problems:
+    if ds.documents is not None and tok_dir is None and ds.tokenizer is None and not problems:
+        kind = "jsonl" if ds.jsonl else "hf"
         problems.append(
-            Problem("dataset.tokenizer", "jsonl needs a tokenizer: the teacher has none")
+            Problem("dataset.tokenizer", f"{kind} needs a tokenizer: the teacher has none")
         )
+    if ds.messages_field is not None and tok_dir is not None and not has_chat_template(tok_dir):
+        problems.append(
+            Problem(
+                "dataset.messages_field",
+                f"the tokenizer {tok_dir} has no chat template to render conversations with "
+                "(chat_template in tokenizer_config.json, or chat_template.jinja)",
+            )
+        )
+    if ds.jsonl is not None and missing is None:
+        problems += check_head(data_path, ds.field, ds.messages_field)
     problems += _check_outputs(spec, info, seq_len)
     if problems:
         raise SpecError(problems)
     tok_fp = fp.tokenizer_fingerprint(tok_dir)
-    params = None
-    if ds.jsonl is not None:
-        params = {
-            "text_field": ds.text_field,
-            "seq_len": ds.seq_len,
-            "pack": ds.pack,
-            "tok": tok_fp,
-        }
+    params = _document_params(ds, tok_fp) if ds.documents is not None else None
+    key = "tokens" if ds.tokens else "jsonl" if ds.jsonl else "hf"
     abs_spec = spec.model_copy(
         update={
             "teacher": spec.teacher.model_copy(update={"hf": hf_dir}) if hf_dir else spec.teacher,
-            "dataset": ds.model_copy(
-                update={
-                    ("tokens" if ds.tokens else "jsonl"): str(data_path),
-                    "tokenizer": tok_dir,
-                }
-            ),
+            "dataset": ds.model_copy(update={key: str(data_path), "tokenizer": tok_dir}),
         }
     )
     return JobPlan(
@@ -350,6 +379,9 @@ def _raw_path_problems(data: Any, base: Path | None) -> list[Problem]:
             value = dataset.get(key)
             if isinstance(value, str) and not _abs(value, base).is_file():
                 out.append(Problem(f"dataset.{key}", f"no such file: {_abs(value, base)}"))
+        hf = dataset.get("hf")
+        if isinstance(hf, str) and not _abs(hf, base).exists():
+            out.append(Problem("dataset.hf", f"no such file or directory: {_abs(hf, base)}"))
     return out
 
 

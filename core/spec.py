@@ -82,22 +82,60 @@ class TeacherSpec(_Model):
 
 
 class DatasetSpec(_Model):
-    """The static dataset: an (N, T) integer ``.npy`` array, or JSON lines tokenised here."""
+    """The static dataset: an (N, T) integer ``.npy`` array, or documents tokenised here.
+
+    Documents come from a JSON lines file (``jsonl``) or a local Hugging Face dataset (``hf``);
+    each is plain text (``text_field``) or a conversation (``messages_field``: a list of
+    ``{role, content}``, rendered with the tokenizer's chat template and trained on the
+    assistant's tokens only).
+    """
 
     tokens: str | None = Field(None, description="(N, T) integer .npy file, memory-mapped")
     jsonl: str | None = Field(None, description="JSON lines file with one document per line")
-    text_field: str = "text"
+    hf: str | None = Field(
+        None,
+        description="local datasets.save_to_disk folder, or parquet/arrow/json(l) file(s)",
+    )
+    text_field: str | None = Field(
+        None, min_length=1, description="field holding plain text (default: text)"
+    )
+    messages_field: str | None = Field(
+        None, min_length=1, description="field holding a conversation [{role, content}]"
+    )
+    split: str | None = Field(None, min_length=1, description="split of an hf dataset (train)")
+    max_rows: int | None = Field(None, ge=1, description="use the first max_rows documents")
     tokenizer: str | None = Field(None, description="local tokenizer dir; default: the teacher's")
-    seq_len: int | None = Field(None, ge=2, description="row length for jsonl datasets")
+    seq_len: int | None = Field(None, ge=2, description="row length for jsonl/hf datasets")
     pack: bool = Field(True, description="concatenate documents (EOS-separated) into full rows")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.tokens is None) == (self.jsonl is None):
-            raise ValueError("give exactly one of 'tokens' (.npy) or 'jsonl'")
-        if self.jsonl is not None and self.seq_len is None:
-            raise ValueError("'seq_len' is required with 'jsonl'")
+        given = [k for k in ("tokens", "jsonl", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'tokens' (.npy), 'jsonl' or 'hf'")
+        if self.tokens is None and self.seq_len is None:
+            raise ValueError(f"'seq_len' is required with '{given[0]}'")
+        if self.tokens is not None:
+            bad = [
+                k for k in ("messages_field", "split", "max_rows") if getattr(self, k) is not None
+            ]
+            if bad:
+                raise ValueError(f"{bad} only apply to 'jsonl' or 'hf' datasets")
+        if self.split is not None and self.hf is None:
+            raise ValueError("'split' only applies to 'hf' datasets")
+        if self.messages_field is not None and self.text_field is not None:
+            raise ValueError("give 'text_field' (plain text) or 'messages_field', not both")
         return self
+
+    @property
+    def field(self) -> str:
+        """The field each document is read from: ``messages_field``, else ``text_field``."""
+        return self.messages_field or self.text_field or "text"
+
+    @property
+    def documents(self) -> str | None:
+        """The path of a document dataset (jsonl or hf), None for tokens."""
+        return self.jsonl or self.hf
 
 
 class OutputSpec(_Model):

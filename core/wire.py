@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kdcache.core.errors import Problem
 from kdcache.core.shards import ShardRecord
@@ -41,6 +41,7 @@ __all__ = [
     "JobStatus",
     "Lease",
     "LeaseRequest",
+    "PreparedIn",
     "Problem",
     "ShardRecord",
 ]
@@ -84,9 +85,11 @@ class Job(_Out):
     cache_id: str
     name: str
     status: JobStatus
-    shards_total: int
+    shards_total: int | None = Field(
+        description="null while a jsonl/hf job's dataset is being tokenised (its prepare step)"
+    )
     shards_done: int
-    rows_total: int
+    rows_total: int | None = Field(description="null until the dataset is tokenised")
     rows_done: int
     tokens_done: int
     tokens_per_s: float | None = Field(description="null until a shard completes under this job")
@@ -110,11 +113,14 @@ class LeaseRequest(_In):
 
 
 class Lease(_Out):
-    """One shard to compute and write, owned by the caller until ``deadline``."""
+    """One unit of work owned by the caller until ``deadline``: a shard to compute and write
+    (``kind: shard``), or a document job's dataset to tokenise first (``kind: prepare``,
+    ``shard`` -1, no rows)."""
 
     id: str
     job_id: str
     cache_id: str
+    kind: Literal["shard", "prepare"] = "shard"
     shard: int
     start: int = Field(description="first row")
     end: int = Field(description="one past the last row")
@@ -130,8 +136,24 @@ class Heartbeat(_Out):
     cancelled: bool = False
 
 
+class PreparedIn(_In):
+    """What a prepare lease found: the rows its dataset tokenised into."""
+
+    num_rows: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+
+
 class CompleteRequest(_In):
-    record: ShardRecord
+    """A shard lease completes with its ``record``; a prepare lease with ``prepared``."""
+
+    record: ShardRecord | None = None
+    prepared: PreparedIn | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> CompleteRequest:
+        if (self.record is None) == (self.prepared is None):
+            raise ValueError("give exactly one of 'record' (a shard) or 'prepared'")
+        return self
 
 
 class FailRequest(_In):

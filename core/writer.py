@@ -120,6 +120,10 @@ class CacheWriter:
         try:
             group = zarr.open_group(store, mode="w-", attributes={MANIFEST_KEY: manifest.to_dict()})
         except (zarr.errors.ContainsGroupError, FileExistsError):  # another writer was first
+            if not storage.exists("zarr.json"):  # not a writer: other files (retrying never ends)
+                raise CacheFormatError(
+                    f"{url} holds files but no Zarr group: not a kdcache cache"
+                ) from None
             return cls.open(url, manifest, storage_options)
         _create_arrays(group, manifest)
         log.info("created cache %s at %s", manifest.cache_id, url)

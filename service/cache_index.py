@@ -89,7 +89,7 @@ class CacheIndex:
             manifest=manifest,
             shards_total=job.shards_total,
             shards_done=len(records),
-            complete=len(records) == job.shards_total,
+            complete=job.shards_total > 0 and len(records) == job.shards_total,
             completed=[records[k] for k in sorted(records)],
         )
 

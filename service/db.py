@@ -40,6 +40,7 @@ from kdcache.core.errors import SchemaVersionError
 from kdcache.core.wire import LIVE_JOB_STATES
 
 __all__ = [
+    "PREPARE_SHARD",
     "SCHEMA_VERSION",
     "Database",
     "WRITE",
@@ -55,6 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+PREPARE_SHARD = -1
+"""The shard number of a document job's prepare step (tokenise the dataset; no rows)."""
 _LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE_JOB_STATES))
 WRITE = "kdcache_write"  # execution option: this connection's transactions take the write lock
 SQLITE_BUSY_MS = 30_000
@@ -81,6 +84,7 @@ class JobRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # 0 while a document job is not prepared yet (its row count unknown)
     shards_total: Mapped[int] = mapped_column(Integer)
     rows_total: Mapped[int] = mapped_column(Integer)
     seq_len: Mapped[int] = mapped_column(Integer)
@@ -107,7 +111,9 @@ class ShardRow(Base):
     """One shard of a job: its rows, state, current lease and completion record.
 
     ``status`` is pending | leased | done. A leased shard whose ``deadline`` has passed is
-    pending again for the next claim. ``carried`` marks a shard found complete at submit time
+    pending again for the next claim. Shard :data:`PREPARE_SHARD` (-1, no rows, no record) is the
+    prepare step of a document job whose rows are not known yet; the job's other shards are made
+    when it completes. ``carried`` marks a shard found complete at submit time
     (not written under this job; it does not count towards the job's rate or the metrics).
     """
 

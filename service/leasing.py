@@ -30,11 +30,13 @@ from kdcache.core.errors import (
     Unprocessable,
 )
 from kdcache.core.layout import cache_url
+from kdcache.core.prepared import PreparedMeta, prepared_url, read_prepared_meta
 from kdcache.core.reader import CacheReader
 from kdcache.core.shards import ShardRecord, write_record
 from kdcache.core.storage import open_storage
-from kdcache.core.wire import ACTIVE_JOB_STATES, Heartbeat, Job, Lease
-from kdcache.service.db import Database, JobRow, LeaseRow, ShardRow
+from kdcache.core.wire import ACTIVE_JOB_STATES, CompleteRequest, Heartbeat, Job, Lease, PreparedIn
+from kdcache.service.db import PREPARE_SHARD, Database, JobRow, LeaseRow, ShardRow
+from kdcache.service.shardrows import carried_records, shard_rows_of
 from kdcache.service.views import view as job_of
 
 __all__ = ["LeaseBook"]
@@ -50,6 +52,11 @@ def _lease_lost(lease_id: str) -> Conflict:
         "shard is done); drop the shard",
         code="lease_lost",
     )
+
+
+def _unit(shard: int) -> str:
+    """How logs and errors name a unit of work: ``shard 3``, or ``prepare`` (shard -1)."""
+    return "prepare" if shard == PREPARE_SHARD else f"shard {shard}"
 
 
 def _job_stopped(job: JobRow) -> Conflict:
@@ -172,9 +179,9 @@ class LeaseBook:
         expiries = self._expiries(s, job.id, shard.shard)
         worker = old.worker if old is not None else "?"
         log.warning(
-            "job %s shard %d: lease of %s expired (%d of %d)",
+            "job %s %s: lease of %s expired (%d of %d)",
             job.id,
-            shard.shard,
+            _unit(shard.shard),
             worker,
             expiries,
             self.max_expiries,
@@ -183,7 +190,7 @@ class LeaseBook:
             return False
         self._fail_job(
             job,
-            f"shard {shard.shard}: its lease expired {expiries} times without a completion "
+            f"{_unit(shard.shard)}: its lease expired {expiries} times without a completion "
             f"(last worker {worker}); every worker that took it died or stalled",
             now,
         )
@@ -228,11 +235,12 @@ class LeaseBook:
         if job.status == "pending":
             job.status, job.started_at = "running", now
         job.updated_at = now
-        log.info("job %s shard %d leased to %s (attempt %d)", job.id, shard.shard, worker, attempt)
+        log.info("job %s %s leased to %s (attempt %d)", job.id, _unit(shard.shard), worker, attempt)
         return Lease(
             id=lease_id,
             job_id=job.id,
             cache_id=job.cache_id,
+            kind="prepare" if shard.shard == PREPARE_SHARD else "shard",
             shard=shard.shard,
             start=shard.start,
             end=shard.end,
@@ -298,6 +306,71 @@ class LeaseBook:
                 code="invalid_record",
                 field="record.checksums",
             )
+
+    def finish(self, lease_id: str, body: CompleteRequest) -> Job:
+        """POST complete: a shard lease's record, or a prepare lease's rows."""
+        if body.prepared is not None:
+            return self.complete_prepare(lease_id, body.prepared)
+        if body.record is None:
+            raise Unprocessable(
+                "give 'record' or 'prepared'", code="invalid_record", field="record"
+            )
+        return self.complete(lease_id, body.record)
+
+    def _check_prepared(self, o: _Owned, got: PreparedIn) -> PreparedMeta:
+        if o.shard.shard != PREPARE_SHARD:
+            raise Unprocessable(
+                f"lease {o.lease.id} is for shard {o.shard.shard}: complete it with its record",
+                code="invalid_record",
+                field="prepared",
+            )
+        url = prepared_url(self.cache_url(o.job.cache_id))
+        meta = read_prepared_meta(open_storage(url))
+        per = int(o.job.spec["rows_per_shard"])
+        found = None if meta is None else (meta.cache_id, meta.num_rows, meta.rows_per_shard)
+        if meta is None or found != (o.job.cache_id, got.num_rows, per):
+            raise Unprocessable(
+                f"the prepared rows at {url} ({found or 'none'}) are not "
+                f"{(o.job.cache_id, got.num_rows, per)} (cache, rows, rows per shard)",
+                code="invalid_record",
+                field="prepared",
+            )
+        return meta
+
+    def complete_prepare(self, lease_id: str, got: PreparedIn) -> Job:
+        """A prepare lease is done: the job learns its rows and gets its shards.
+
+        The prepared store's ``meta.json`` (read here, not taken from the worker) decides the
+        row count. Idempotent like :meth:`complete`.
+        """
+        with self.db.read() as s:
+            o = self._load(s, lease_id, lock=False)
+            if o.lease.state == "done" and o.job.rows_total == got.num_rows:
+                return job_of(s, o.job, self.root)
+            if (refusal := self._refusal(o)) is not None:
+                raise refusal
+        meta = self._check_prepared(o, got)  # reads storage: outside the write transaction
+        per, n = meta.rows_per_shard, meta.num_rows
+        carried = carried_records(self.db, self.root, o.job.cache_id, n, per)
+        with self.db.write() as s:
+            o = self._load(s, lease_id)
+            refusal = self._refusal(o)
+            if refusal is None:
+                now = time.time()
+                o.shard.status, o.shard.lease_id, o.shard.deadline = "done", None, None
+                o.shard.completed_at, o.lease.state = now, "done"
+                job = o.job
+                job.rows_total, job.shards_total = n, meta.num_shards
+                job.seq_len, job.updated_at = meta.seq_len, now
+                s.add_all(shard_rows_of(job.id, meta.num_shards, per, n, carried))
+                if len(carried) == meta.num_shards:
+                    job.status, job.finished_at = "done", now
+                log.info("job %s prepared: %d rows, %d shards", job.id, n, meta.num_shards)
+                s.flush()
+                view = job_of(s, job, self.root)
+        if refusal is not None:
+            raise refusal
+        return view
 
     def complete(self, lease_id: str, rec: ShardRecord) -> Job:
         """Record a written shard and publish its completion record into the cache.
@@ -375,13 +448,14 @@ class LeaseBook:
                 self._release(o.shard)
                 o.job.updated_at = now
                 text = message.strip() or "(no message)"
+                unit = _unit(o.shard.shard)
                 if release:
-                    log.info("job %s shard %d released: %s", o.job.id, o.shard.shard, text[:200])
+                    log.info("job %s %s released: %s", o.job.id, unit, text[:200])
                 elif retryable:
                     o.shard.attempts += 1
-                    log.warning("job %s shard %d failed: %s", o.job.id, o.shard.shard, text[:200])
+                    log.warning("job %s %s failed: %s", o.job.id, unit, text[:200])
                 if not release and (not retryable or o.shard.attempts >= self.max_attempts):
-                    self._fail_job(o.job, f"shard {o.shard.shard}: {text}", now)
+                    self._fail_job(o.job, f"{unit}: {text}", now)
                 view = job_of(s, o.job, self.root)
         if refusal is not None:
             raise refusal

@@ -10,25 +10,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from kdcache.core.errors import Conflict, NotFound
-from kdcache.core.format import shard_rows
 from kdcache.core.layout import cache_url
+from kdcache.core.prepared import prepared_url, read_prepared_meta
 from kdcache.core.resolve import JobPlan
-from kdcache.core.shards import ShardRecord, list_records
 from kdcache.core.storage import open_storage
 from kdcache.core.wire import ACTIVE_JOB_STATES, JOB_STATES, LIVE_JOB_STATES, Job
 from kdcache.service.cache_index import CacheIndex
-from kdcache.service.db import Database, JobRow, LeaseRow, ShardRow
+from kdcache.service.db import PREPARE_SHARD, Database, JobRow, LeaseRow, ShardRow
 from kdcache.service.leasing import LeaseBook
+from kdcache.service.shardrows import carried_records, prepare_row, shard_rows_of
 from kdcache.service.views import JobStats, job_stats, job_view, view
 
 __all__ = ["JobStore", "MetricsSnapshot"]
@@ -122,54 +120,42 @@ class JobStore:
         q = select(JobRow).where(JobRow.cache_id == cache_id, JobRow.status.in_(LIVE_JOB_STATES))
         return s.scalars(q.limit(1)).first()
 
-    def _carried_records(self, cache_id: str, num_rows: int, per: int) -> dict[int, dict[str, Any]]:
-        """Shards already complete for this cache: earlier jobs' and the cache's own records."""
-        found: dict[int, dict[str, Any]] = {}
-        with self.read() as s:
-            q = (
-                select(ShardRow.shard, ShardRow.record)
-                .join(JobRow, JobRow.id == ShardRow.job_id)
-                .where(JobRow.cache_id == cache_id, ShardRow.status == "done")
-            )
-            for shard, record in s.execute(q):
-                if record is not None:
-                    found.setdefault(shard, record)
+    def _prepared(self, plan: JobPlan) -> JobPlan:
+        """``plan`` with its rows, when its document dataset was tokenised by an earlier job."""
+        if plan.num_rows is not None:
+            return plan
         try:
-            on_disk: Mapping[int, ShardRecord] = list_records(
-                open_storage(self.cache_url(cache_id))
-            )
+            meta = read_prepared_meta(open_storage(prepared_url(self.cache_url(plan.cache_id))))
         except OSError as err:
-            log.warning("cannot list completion records of %s: %s", cache_id, err)
-            on_disk = {}
-        for shard, record in on_disk.items():
-            found.setdefault(shard, asdict(record))
-        valid = {}
-        for shard, rec in found.items():
-            try:
-                ok = shard_rows(shard, per, num_rows) == (rec.get("start"), rec.get("end"))
-            except IndexError:
-                ok = False
-            if ok:
-                valid[shard] = rec
-        return valid
+            log.warning("cannot read prepared rows of %s: %s", plan.cache_id, err)
+            return plan
+        if (
+            meta is None
+            or meta.cache_id != plan.cache_id
+            or meta.rows_per_shard != plan.spec.rows_per_shard
+        ):
+            return plan
+        return replace(plan, num_rows=meta.num_rows, seq_len=meta.seq_len)
 
     def submit(self, plan: JobPlan) -> tuple[Job, bool]:
         """The live job of ``plan``'s cache (False), or a new one (True).
 
         A new job keeps every shard already complete for this cache (from earlier failed or
-        cancelled jobs, or completion records in the cache itself).
+        cancelled jobs, or completion records in the cache itself). A document job whose rows
+        are not known yet gets one shard, the prepare step (:data:`PREPARE_SHARD`); its real
+        shards are made when that completes.
         """
-        if plan.num_rows is None or plan.num_shards is None:
-            raise ValueError("submit needs a plan whose rows are known")
         cache_id, per = plan.cache_id, plan.spec.rows_per_shard
         with self.read() as s:
             live = self._live_job(s, cache_id)
             if live is not None:
                 return self.view(s, live), False
-        carried = self._carried_records(cache_id, plan.num_rows, per)
+        plan = self._prepared(plan)
+        num_rows, num_shards = plan.num_rows or 0, plan.num_shards or 0
+        carried = carried_records(self.db, self.root, cache_id, num_rows, per) if num_rows else {}
         now = time.time()
         job_id = uuid.uuid4().hex
-        all_done = len(carried) == plan.num_shards
+        all_done = num_shards > 0 and len(carried) == num_shards
         try:
             with self.write() as s:
                 live = self._live_job(s, cache_id)
@@ -182,8 +168,8 @@ class JobStore:
                         name=plan.spec.name,
                         status="done" if all_done else "pending",
                         spec=plan.spec.model_dump(mode="json"),
-                        shards_total=plan.num_shards,
-                        rows_total=plan.num_rows,
+                        shards_total=num_shards,
+                        rows_total=num_rows,
                         seq_len=plan.seq_len,
                         created_at=now,
                         updated_at=now,
@@ -191,7 +177,10 @@ class JobStore:
                     )
                 )
                 s.flush()
-                s.add_all(self._shard_rows(job_id, plan.num_shards, per, plan.num_rows, carried))
+                if num_rows:
+                    s.add_all(shard_rows_of(job_id, num_shards, per, num_rows, carried))
+                else:
+                    s.add(prepare_row(job_id))
         except DBIntegrityError:
             # Another submit of the same cache won the race (PostgreSQL; SQLite serialises).
             with self.read() as s:
@@ -200,32 +189,13 @@ class JobStore:
                     raise
                 return self.view(s, live), False
         log.info(
-            "job %s: cache %s, %d shards (%d already done)",
+            "job %s: cache %s, %s (%d already done)",
             job_id,
             cache_id,
-            plan.num_shards,
+            f"{num_shards} shards" if num_rows else "rows known once prepared",
             len(carried),
         )
         return self.get_job(job_id), True
-
-    @staticmethod
-    def _shard_rows(
-        job_id: str, n: int, per: int, num_rows: int, carried: Mapping[int, dict[str, Any]]
-    ) -> Iterator[ShardRow]:
-        for i in range(n):
-            start, end = shard_rows(i, per, num_rows)
-            rec = carried.get(i)
-            yield ShardRow(
-                job_id=job_id,
-                shard=i,
-                start=start,
-                end=end,
-                status="done" if rec is not None else "pending",
-                attempts=0,
-                record=rec,
-                tokens=int(rec.get("tokens", 0)) if rec is not None else 0,
-                carried=rec is not None,
-            )
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a pending or running job; leased shards learn it at their next heartbeat."""
@@ -249,6 +219,7 @@ class JobStore:
             for state, n in s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)):
                 jobs[state] = int(n)
             fresh = (ShardRow.status == "done") & ~ShardRow.carried
+            fresh &= ShardRow.shard != PREPARE_SHARD
             shards, tokens = s.execute(
                 select(func.count(), func.coalesce(func.sum(ShardRow.tokens), 0)).where(fresh)
             ).one()

@@ -5,21 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kdcache.core.errors import Problem, SpecError, Unprocessable
+from kdcache.core.errors import Problem, SpecError
 from kdcache.core.resolve import JobPlan, resolve_job
 from kdcache.core.spec import JobSpec, parse_spec
 
 __all__ = ["plan_submission"]
-
-
-def _jsonl_unsupported() -> Unprocessable:
-    return Unprocessable(
-        "jsonl datasets cannot be split into shards by the service yet (their row count is "
-        "only known after tokenising): run the job embedded with 'kdcache run', or tokenise "
-        "it into a tokens .npy and submit that",
-        code="unsupported",
-        field="dataset.jsonl",
-    )
 
 
 def _check_module(spec: JobSpec, allowed: Callable[[str], bool] | None) -> None:
@@ -45,12 +35,11 @@ def plan_submission(body: Any, allowed_module: Callable[[str], bool] | None = No
 
     Relative paths are taken from the service's working directory; ``module:`` teachers must
     pass ``allowed_module``. Raises :class:`SpecError` (422 ``invalid_spec``) listing every
-    problem, or 422 ``unsupported`` for jsonl datasets.
+    problem. A document dataset (jsonl, hf) resolves with its rows unknown: the job's first unit
+    of work tokenises it (see ``JobStore.submit``).
     """
     spec = parse_spec(body)
     _check_module(spec, allowed_module)
-    if spec.dataset.jsonl is not None:
-        raise _jsonl_unsupported()
     try:
         plan = resolve_job(spec)
     except SpecError:
@@ -58,6 +47,4 @@ def plan_submission(body: Any, allowed_module: Callable[[str], bool] | None = No
     except (OSError, RuntimeError, ValueError) as err:
         # e.g. "~nosuchuser/x" (no home directory to expand) or an unencodable path.
         raise SpecError([Problem("spec", f"cannot resolve the spec's paths: {err}")]) from None
-    if plan.num_rows is None or plan.num_shards is None:
-        raise _jsonl_unsupported()
     return plan

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from kdcache.core.layout import cache_url
 from kdcache.core.wire import Job
-from kdcache.service.db import JobRow, ShardRow
+from kdcache.service.db import PREPARE_SHARD, JobRow, ShardRow
 
 __all__ = ["JobStats", "job_stats", "job_view", "view"]
 
@@ -40,7 +40,7 @@ def job_stats(s: Session, job_ids: Sequence[str]) -> dict[str, JobStats]:
     """:class:`JobStats` of each job, in one query."""
     if not job_ids:
         return {}
-    done = ShardRow.status == "done"
+    done = (ShardRow.status == "done") & (ShardRow.shard != PREPARE_SHARD)  # rows, not prepare
     fresh = done & ~ShardRow.carried
     rows = ShardRow.end - ShardRow.start
     q = (
@@ -75,9 +75,9 @@ def job_view(row: JobRow, stats: JobStats, root: str, now: float | None = None) 
         cache_id=row.cache_id,
         name=row.name,
         status=row.status,  # type: ignore[arg-type]  # the DB holds only valid states
-        shards_total=row.shards_total,
+        shards_total=row.shards_total or None,  # 0: a document job not prepared yet
         shards_done=stats.shards_done,
-        rows_total=row.rows_total,
+        rows_total=row.rows_total or None,
         rows_done=stats.rows_done,
         tokens_done=stats.tokens_done,
         tokens_per_s=tokens_per_s,

@@ -30,6 +30,28 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level tokenizer whose chat template marks assistant text with {% generation %}."""
+    return toy.make_chat_tokenizer(tmp_path_factory.mktemp("chat-tokenizer"), generation=True)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_plain_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tokenizer with the same template minus the generation markers."""
+    return toy.make_chat_tokenizer(
+        tmp_path_factory.mktemp("chat-tokenizer-plain"), generation=False
+    )
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JSON lines, one ``{"messages": [...]}`` per line, from ``toy.SAMPLE_CHATS``."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in toy.SAMPLE_CHATS))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama HF directory (safetensors) with the tiny tokenizer saved next to it."""
     path = toy.make_tiny_teacher(

@@ -40,12 +40,15 @@ from kdcache.core.errors import (
     Unauthorized,
 )
 from kdcache.core.layout import cache_url
+from kdcache.core.prepared import PreparedRows, prepared_url
 from kdcache.core.rest import ServiceLink
 from kdcache.core.retry import RetryPolicy
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import parse_spec
+from kdcache.core.storage import open_storage
 from kdcache.core.wire import Lease
 from kdcache.core.writer import CacheWriter
+from kdcache.worker.prepare import prepare_documents
 from kdcache.worker.runner import PreparedJob, ShardRunner, prepare_job
 from kdcache.worker.teachers import FeatureOutput, FusedTeacher, Teacher, TeacherOutput
 
@@ -149,6 +152,12 @@ class _JobCache:
         self.job_id: str | None = None
         self.entry: tuple[PreparedJob, CacheWriter] | None = None
 
+    def url(self, lease: Lease) -> str:
+        """Where this worker writes the lease's cache."""
+        if self.root_override:
+            return cache_url(self.root_override, lease.cache_id)
+        return lease.cache_url
+
     def get(self, lease: Lease) -> tuple[PreparedJob, CacheWriter]:
         if self.entry is not None and self.job_id == lease.job_id:
             return self.entry
@@ -164,14 +173,16 @@ class _JobCache:
                 update={"teacher": spec.teacher.model_copy(update={"device": dev})}
             )
         log.info("loading job %s (cache %s)", lease.job_id, lease.cache_id)
-        job = prepare_job(spec)
+        url = self.url(lease)
+        # A document job's rows were tokenised once by its prepare lease and stored with the cache.
+        source = PreparedRows(open_storage(prepared_url(url))) if spec.dataset.documents else None
+        job = prepare_job(spec, source=source)
         if job.manifest.cache_id != lease.cache_id:
             raise ManifestMismatchError(
                 f"this worker resolves job {lease.job_id} to cache {job.manifest.cache_id}, the "
                 f"service to {lease.cache_id}: its teacher or dataset files differ here"
             )
-        url = cache_url(self.root_override, lease.cache_id) if self.root_override else None
-        writer = CacheWriter.open(url or lease.cache_url, job.manifest)
+        writer = CacheWriter.open(url, job.manifest)
         self.entry, self.job_id = (job, writer), lease.job_id
         return self.entry
 
@@ -198,6 +209,18 @@ def _compute_and_write(
     return runner.write(lease.shard, data, commit=False)
 
 
+def _prepare(lease: Lease, jobs: _JobCache, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    """Tokenise a document job's dataset beside its cache; the complete body (raises
+    _ShardAbandoned when stopped)."""
+    spec = parse_spec(lease.spec)
+    meta = prepare_documents(
+        spec, open_storage(prepared_url(jobs.url(lease))), lease.cache_id, should_stop=should_stop
+    )
+    if meta is None or should_stop():
+        raise _ShardAbandoned
+    return {"prepared": {"num_rows": meta.num_rows, "seq_len": meta.seq_len}}
+
+
 def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.Event) -> str:
     """Run one lease to its end; returns completed | failed | abandoned | released."""
     beat = _Heartbeat(service, lease)
@@ -205,10 +228,14 @@ def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.
     t0 = time.perf_counter()
     fail: dict[str, Any] | None = None
     record: ShardRecord | None = None
+    done: dict[str, Any] | None = None  # the body of POST complete
+    should_stop = lambda: beat.lost_event.is_set() or abort.is_set()  # noqa: E731
     try:
-        record = _compute_and_write(
-            lease, jobs, lambda: beat.lost_event.is_set() or abort.is_set(), beat.beat
-        )
+        if lease.kind == "prepare":
+            done = _prepare(lease, jobs, should_stop)
+        else:
+            record = _compute_and_write(lease, jobs, should_stop, beat.beat)
+            done = {"record": asdict(record)}
     except _ShardAbandoned:
         pass
     except _PERMANENT as err:
@@ -222,7 +249,7 @@ def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.
     if beat.lost is not None:
         log.warning("abandoned shard %d of job %s: %s", lease.shard, lease.job_id, beat.lost)
         return "abandoned"
-    if record is None:
+    if done is None:
         outcome = "failed" if fail is not None else "released"
         if fail is None:  # the worker itself is stopping: hand the shard back to the queue
             fail = {
@@ -239,7 +266,7 @@ def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.
     # Retried for as long as the link's policy says (default: until the service is back): the
     # shard is written, only its completion is missing.
     try:
-        service.post(f"/v1/leases/{lease.id}/complete", json={"record": asdict(record)})
+        service.post(f"/v1/leases/{lease.id}/complete", json=done)
     except Conflict as err:
         log.warning("shard %d of job %s: %s at complete", lease.shard, lease.job_id, err.code)
         return "abandoned"
@@ -247,6 +274,9 @@ def _work(service: ServiceLink, jobs: _JobCache, lease: Lease, abort: threading.
         log.error("complete of shard %d: %s", lease.shard, err)
         return "failed"
     seconds = time.perf_counter() - t0
+    if record is None:
+        log.info("prepared job %s: %s in %.2fs", lease.job_id, done.get("prepared"), seconds)
+        return "completed"
     log.info(
         "completed shard %d of job %s: %d rows in %.2fs (%.0f tokens/s)",
         lease.shard,
@@ -332,7 +362,8 @@ def run_worker(
                 stop.wait(max(0.0, left))
                 continue
             log.info(
-                "leased shard %d (rows %d..%d) of job %s, attempt %d",
+                "leased %s %d (rows %d..%d) of job %s, attempt %d",
+                lease.kind,
                 lease.shard,
                 lease.start,
                 lease.end,
@@ -342,7 +373,7 @@ def run_worker(
             outcome = _work(service, jobs, lease, abort)
             stats.outcomes.append(outcome)
             setattr(stats, outcome, getattr(stats, outcome) + 1)
-            if outcome == "completed":
+            if outcome == "completed" and lease.kind == "shard":
                 stats.rows += lease.end - lease.start
             idle_since = time.monotonic()
             if once:

@@ -22,13 +22,13 @@ from typing import Any, TextIO
 import numpy as np
 
 from kdcache.core.errors import Problem, SpecError
-from kdcache.core.format import Manifest, index_dtype
+from kdcache.core.format import ARRAY_INPUT_IDS, ARRAY_LOSS_MASK, Manifest, index_dtype
 from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
 from kdcache.core.writer import CODECS, CacheWriter
-from kdcache.worker.datasets import DatasetSource, open_source
+from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
 from kdcache.worker.progress import Progress
 from kdcache.worker.teachers import Teacher, load_teacher
@@ -65,9 +65,17 @@ def build_manifest(
         "num_layers": info.num_layers,
     }
     ds = spec.dataset
-    dataset: dict[str, Any] = {"kind": "tokens" if ds.tokens else "jsonl"}
-    if ds.jsonl:
-        dataset.update(text_field=ds.text_field, seq_len=ds.seq_len, pack=ds.pack)
+    dataset: dict[str, Any] = {"kind": "tokens" if ds.tokens else "jsonl" if ds.jsonl else "hf"}
+    if ds.documents:
+        dataset.update(seq_len=ds.seq_len, pack=ds.pack)
+        if ds.messages_field:
+            dataset.update(messages_field=ds.messages_field)
+        else:
+            dataset.update(text_field=ds.field)
+        if ds.hf:
+            dataset.update(split=ds.split or "train")
+        if ds.max_rows is not None:
+            dataset.update(max_rows=ds.max_rows)
     return Manifest(
         cache_id=plan.cache_id,
         num_rows=plan.num_rows,
@@ -90,6 +98,7 @@ def build_manifest(
         codecs=dict(CODECS),
         sample_draws=spec.outputs.sample_draws,
         sample_seed=spec.outputs.sample_seed,
+        loss_mask=True,
     )
 
 
@@ -115,12 +124,20 @@ def _hidden_size(teacher: Teacher, layers: list[int]) -> int | None:
 
 
 def prepare_job(
-    spec: JobSpec, base_dir: str | os.PathLike[str] | None = None, plan: JobPlan | None = None
+    spec: JobSpec,
+    base_dir: str | os.PathLike[str] | None = None,
+    plan: JobPlan | None = None,
+    *,
+    source: DatasetSource | None = None,
 ) -> PreparedJob:
-    """Resolve ``spec``, load its teacher and dataset; every spec problem raises SpecError."""
+    """Resolve ``spec``, load its teacher and dataset; every spec problem raises SpecError.
+
+    ``source`` replaces the spec's dataset (a fleet worker reads a document job's prepared rows).
+    The dataset is opened (and a document dataset checked, row by row) before the teacher loads.
+    """
     plan = plan or resolve_job(spec, None if base_dir is None else Path(base_dir))
+    source = source or open_checked(plan.spec.dataset, plan.spec.teacher.hf)
     teacher = load_teacher(plan.spec.teacher)
-    source = open_source(plan.spec.dataset, plan.spec.teacher.hf)
     if source.num_rows < 1:
         raise SpecError([Problem("dataset", "the dataset yields no rows")])
     info = TeacherInfo(
@@ -170,7 +187,8 @@ class ShardRunner:
             sample_draws=m.sample_draws,
             sample_seed=m.sample_seed,
         )
-        data["input_ids"] = np.ascontiguousarray(ids, dtype=np.int32)
+        data[ARRAY_INPUT_IDS] = np.ascontiguousarray(ids, dtype=np.int32)
+        data[ARRAY_LOSS_MASK] = np.ascontiguousarray(self.job.source.loss_mask(start, end))
         return data
 
     def write(self, shard: int, data: dict[str, np.ndarray], *, commit: bool = True) -> ShardRecord:

@@ -12,9 +12,13 @@ import numpy as np
 
 __all__ = [
     "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_PLAIN",
+    "SAMPLE_CHATS",
     "EOS_TOKEN",
     "PAD_TOKEN",
     "SAMPLE_TEXTS",
+    "make_chat_tokenizer",
     "make_tiny_teacher",
     "make_tokenizer",
     "make_tokens",
@@ -36,6 +40,86 @@ SAMPLE_TEXTS = (
     "Hello, student.",
     "KD",
 )
+
+
+def _chat(*turns: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+SAMPLE_CHATS = (
+    _chat(
+        ("system", "you are a terse teacher"),
+        ("user", "what is distillation"),
+        ("assistant", "a small model learns from a large one"),
+        ("user", "why cache the teacher"),
+        ("assistant", "so the teacher runs once"),
+    ),
+    _chat(("user", "hello"), ("assistant", "hello student")),
+    _chat(("system", "answer in one word"), ("user", "name a loss"), ("assistant", "kl")),
+    _chat(
+        ("user", "how many shards are there"),
+        ("assistant", "one per lease"),
+        ("user", "thanks"),
+        ("assistant", "you are welcome"),
+    ),
+    _chat(
+        ("user", "what is top k"),
+        ("assistant", "the k most likely tokens with their log probabilities"),
+    ),
+)
+"""Conversations (system / user / assistant turns) for chat-data tests, each under 40 tokens."""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|> ' }}"
+    "{% generation %}{{ m['content'] }} <|end|> {% endgeneration %}"
+    "{% else %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+"""A chat template that marks the assistant's text with ``{% generation %}``: each turn is
+``<|role|> words <|end|>``, and an assistant turn trains its words and its ``<|end|>``."""
+
+CHAT_TEMPLATE_PLAIN = CHAT_TEMPLATE.replace("{% generation %}", "").replace(
+    "{% endgeneration %}", ""
+)
+"""The same template without generation markers (renders the same text)."""
+
+CHAT_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def make_chat_tokenizer(
+    path: str | Path,
+    *,
+    generation: bool = True,
+    chats: Iterable[list[dict[str, str]]] = SAMPLE_CHATS,
+    texts: Iterable[str] = (),
+) -> Path:
+    """Save a word-level tokenizer with a chat template into ``path``.
+
+    One id per whitespace/punctuation-separated word of ``chats`` and ``texts``; ids 0..2 are
+    ``<eos>``, ``<pad>``, ``<unk>``, then the role markers ``<|system|>``, ``<|user|>``,
+    ``<|assistant|>``, ``<|end|>``. ``generation`` picks :data:`CHAT_TEMPLATE` (with
+    ``{% generation %}``) or :data:`CHAT_TEMPLATE_PLAIN`. Ids stay far below 320 for the sample
+    conversations, so the tiny teachers can run on them.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = {w for c in chats for m in c for w, _ in pre.pre_tokenize_str(m["content"])}
+    words |= {w for t in texts for w, _ in pre.pre_tokenize_str(t)}
+    specials = ["<eos>", "<pad>", "<unk>", *CHAT_ROLES]
+    vocab = {w: i for i, w in enumerate([*specials, *sorted(words - set(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE if generation else CHAT_TEMPLATE_PLAIN
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out
 
 
 def make_tiny_teacher(

@@ -51,8 +51,9 @@ def heartbeat(lease_id: str, store: StoreDep) -> Heartbeat:
     responses=error_responses(401, 403, 404, 409, 413, 422),
 )
 def complete_lease(lease_id: str, body: CompleteRequest, store: StoreDep) -> Job:
-    """Record the written shard (its checksums) and publish it to readers."""
-    return store.leases.complete(lease_id, body.record)
+    """Record the written shard (its checksums) and publish it to readers; or, for a prepare
+    lease, the prepared dataset's rows (the job's shards are made from them)."""
+    return store.leases.finish(lease_id, body)
 
 
 @router.post(

@@ -72,6 +72,7 @@ def test_inspect(cache: Path) -> None:
     assert info["complete"] is True and info["tokens"] == 128
     assert {a["name"] for a in info["arrays"]} == {
         "input_ids",
+        "loss_mask",
         "topk/logprobs",
         "topk/indices",
         "topk/logsumexp",

@@ -34,6 +34,7 @@ def _manifest(**kw: object) -> Manifest:
         "rows_per_shard": 4,
         "teacher_fingerprint": "t",
         "dataset_fingerprint": "d",
+        "loss_mask": True,
     }
     base.update(kw)
     base["index_dtype"] = "uint16" if base["vocab_size"] <= 65536 else "int32"
@@ -46,7 +47,9 @@ def _shard_data(m: Manifest, shard: int, seed: int = 0) -> dict[str, np.ndarray]
     out = {}
     for spec in m.arrays():
         shape = (end - start, *spec.row_shape)
-        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+        if spec.dtype == "bool":
+            out[spec.name] = rng.random(shape) < 0.7
+        elif np.issubdtype(np.dtype(spec.dtype), np.integer):
             out[spec.name] = rng.integers(0, 60000, shape).astype(spec.dtype)
         else:
             out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
@@ -84,6 +87,7 @@ def test_layout_dtypes_and_plain_zarr(tmp_path: Path) -> None:
     assert g["topk/indices"].dtype == np.int32  # V = 70000 > 65536
     assert g["topk/logsumexp"].shape == (10, 8, 2) and g["topk/logsumexp"].dtype == np.float32
     assert g["hidden/3"].dtype == np.uint16 and g["hidden/3"].attrs["dtype"] == "bfloat16"
+    assert g["loss_mask"].dtype == np.bool_ and g["loss_mask"].shape == (10, 8)
     assert g.attrs["kdcache"]["format_version"] == 1
     # one shard object per row-shard: the unit a worker writes
     shard_files = sorted(p.name for p in (tmp_path / "c" / "topk" / "logprobs" / "c").iterdir())
@@ -91,6 +95,36 @@ def test_layout_dtypes_and_plain_zarr(tmp_path: Path) -> None:
     assert CacheWriter.open(
         str(tmp_path / "d"), _manifest(vocab_size=320)
     ).manifest.index_dtype == ("uint16")
+
+
+def test_a_cache_written_before_loss_masks_still_reads(tmp_path: Path) -> None:
+    old = _manifest(loss_mask=False)
+    raw = old.to_dict()
+    del raw["loss_mask"]  # manifests written before issue 8 lack the key
+    assert Manifest.from_dict(raw) == old
+    assert "loss_mask" not in {a.name for a in old.arrays()}
+    assert "loss_mask" in {a.name for a in _manifest().arrays()}
+    _write_all(str(tmp_path / "c"), old)
+    r = CacheReader(str(tmp_path / "c"))
+    assert not r.manifest.loss_mask and "loss_mask" not in r.arrays
+    assert all(c.ok for c in r.verify())
+
+
+def test_a_folder_of_other_files_is_refused_not_retried(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("not a cache")
+    with pytest.raises(CacheFormatError, match="holds files but no Zarr group"):
+        CacheWriter.open(str(tmp_path / "c"), _manifest())
+
+
+def test_verify_covers_the_loss_mask(tmp_path: Path) -> None:
+    m = _manifest()
+    w = _write_all(str(tmp_path / "c"), m, shards=[0])
+    start, end = m.shard_rows(0)
+    flipped = ~_shard_data(m, 0)["loss_mask"]
+    w.group["loss_mask"][start:end] = flipped  # type: ignore[index]
+    (check,) = CacheReader(str(tmp_path / "c")).verify()
+    assert not check.ok and check.problems == ("loss_mask: checksum mismatch",)
 
 
 def test_tensorstore_opens_every_array(tmp_path: Path) -> None:

@@ -84,6 +84,47 @@ def test_jsonl_needs_seq_len() -> None:
     assert "seq_len" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("dataset", "words"),
+    [
+        ({"hf": "/d"}, "'seq_len' is required with 'hf'"),
+        ({"tokens": "/t.npy", "jsonl": "/d.jsonl", "seq_len": 8}, "exactly one of"),
+        ({"tokens": "/t.npy", "messages_field": "m"}, "only apply to 'jsonl' or 'hf'"),
+        ({"jsonl": "/d.jsonl", "seq_len": 8, "split": "train"}, "'split' only applies to 'hf'"),
+        (
+            {"hf": "/d", "seq_len": 8, "text_field": "t", "messages_field": "m"},
+            "not both",
+        ),
+        ({"hf": "/d", "seq_len": 8, "max_rows": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_document_dataset_rules(dataset: dict, words: str) -> None:
+    with pytest.raises(SpecError, match=words) as info:
+        parse_spec(_with("dataset", dataset))
+    assert all(p.field.startswith("dataset") for p in info.value.problems)
+
+
+def test_document_dataset_fields() -> None:
+    spec = parse_spec(
+        _with(
+            "dataset",
+            {"hf": "/d", "messages_field": "m", "split": "test", "max_rows": 5, "seq_len": 8},
+        )
+    )
+    ds = spec.dataset
+    assert (ds.documents, ds.messages_field, ds.split, ds.max_rows, ds.pack) == (
+        "/d",
+        "m",
+        "test",
+        5,
+        True,
+    )
+    assert parse_spec(_with("dataset", {"jsonl": "/d.jsonl", "seq_len": 8})).dataset.documents
+    # the spec travels as JSON (REST job views, leases): it must parse again
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+    assert ds.field == "m" and parse_spec(VALID).dataset.field == "text"
+
+
 def test_all_problems_reported_together() -> None:
     bad = _with("rows_per_shard", 0)
     bad["outputs"]["topk"] = -3

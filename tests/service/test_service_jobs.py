@@ -69,18 +69,6 @@ def test_a_body_that_is_not_an_object_is_422(client: TestClient, body: Any) -> N
     assert r.json()["error"]["code"] in ("invalid_spec", "invalid_request")
 
 
-def test_jsonl_jobs_are_unsupported(
-    client: TestClient, spec: dict[str, Any], tmp_path: Path
-) -> None:
-    docs = tmp_path / "d.jsonl"
-    docs.write_text('{"text": "hi"}\n')
-    body = {**spec, "dataset": {"jsonl": str(docs), "seq_len": 8}}
-    r = client.post("/v1/jobs", json=body, headers=ADMIN_H)
-    assert r.status_code == 422
-    assert r.json()["error"]["code"] == "unsupported"
-    assert r.json()["error"]["field"] == "dataset.jsonl"
-
-
 def test_list_filter_get_and_404(client: TestClient, spec: dict[str, Any]) -> None:
     a = client.post("/v1/jobs", json=spec, headers=ADMIN_H).json()
     b = client.post("/v1/jobs", json={**spec, "outputs": {"topk": 2}}, headers=ADMIN_H).json()

@@ -33,6 +33,12 @@ def test_tokens_source_reads_rows(tokens_npy: Path) -> None:
         src.rows(6, 9)
 
 
+def test_tokens_source_mask_is_every_position_but_the_last(tokens_npy: Path) -> None:
+    mask = TokensSource(tokens_npy).loss_mask(1, 4)
+    assert mask.dtype == np.bool_ and mask.shape == (3, 16)
+    assert mask[:, :-1].all() and not mask[:, -1].any()
+
+
 @pytest.mark.parametrize(
     ("array", "match"),
     [
@@ -84,6 +90,20 @@ def test_jsonl_padding(docs_jsonl: Path, tokenizer_dir: Path) -> None:
         np.testing.assert_array_equal(rows[r, : len(kept)], kept)
         assert (rows[r, len(kept) :] == src.pad_token_id).all()
         assert src.lengths[r] == len(kept)
+    mask = src.loss_mask(0, src.num_rows)
+    for r, doc in enumerate(docs):
+        n = min(len(doc), seq_len)
+        # position j predicts token j+1: trained while j+1 is a real token of the document
+        np.testing.assert_array_equal(mask[r], np.arange(seq_len) < n - 1)
+    np.testing.assert_array_equal(src.loss_mask(2, 4), mask[2:4])
+
+
+def test_jsonl_packed_mask_is_every_position_but_the_last(
+    docs_jsonl: Path, tokenizer_dir: Path
+) -> None:
+    src = JsonlSource(docs_jsonl, tokenizer_path=tokenizer_dir, seq_len=8)
+    mask = src.loss_mask(0, src.num_rows)
+    assert mask[:, :-1].all() and not mask[:, -1].any()
 
 
 def test_jsonl_pads_with_eos_without_pad_token(

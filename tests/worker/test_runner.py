@@ -76,9 +76,18 @@ def test_cache_equals_direct_fp32_forward(
         assert torch.equal(stored, ref), f"hidden/{layer} not bit-exact bf16"
 
 
+def test_cache_holds_the_loss_mask(cached: str, tokens_npy: Path) -> None:
+    r = CacheReader(cached)
+    assert r.manifest.loss_mask
+    mask = r.read("loss_mask", slice(None))
+    assert mask.dtype == np.bool_ and mask.shape == np.load(tokens_npy).shape
+    assert mask[:, :-1].all() and not mask[:, -1].any()
+    assert all(c.ok for c in r.verify())
+
+
 def test_store_opens_with_plain_zarr(cached: str) -> None:
     g = zarr.open_group(cached, mode="r")
-    assert set(g.array_keys()) == {"input_ids"}
+    assert set(g.array_keys()) == {"input_ids", "loss_mask"}
     assert set(g["topk"].array_keys()) == {"logprobs", "indices", "logsumexp"}
     assert g["hidden/2"].attrs["dtype"] == "bfloat16"
     assert g.attrs["kdcache"]["temperatures"] == TEMPS
