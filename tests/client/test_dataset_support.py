@@ -122,14 +122,18 @@ def copy_with_loss_mask(cache: str, dest: Path, mask: np.ndarray) -> str:
     group = zarr.open_group(str(dest), mode="r+")
     ids = group["input_ids"]
     assert isinstance(ids, zarr.Array) and mask.shape == ids.shape
-    arr = group.create_array(
-        "loss_mask",
-        shape=ids.shape,
-        dtype="bool",
-        chunks=ids.chunks,
-        shards=ids.shards,
-        compressors=ids.compressors,
-        fill_value=False,
-    )
+    if "loss_mask" in group:  # written by kdcache since issue 8: give it these values
+        arr = group["loss_mask"]
+        assert isinstance(arr, zarr.Array) and arr.shards == ids.shards
+    else:
+        arr = group.create_array(
+            "loss_mask",
+            shape=ids.shape,
+            dtype="bool",
+            chunks=ids.chunks,
+            shards=ids.shards,
+            compressors=ids.compressors,
+            fill_value=False,
+        )
     arr[...] = mask
     return str(dest)
