@@ -56,9 +56,12 @@ def test_tail_mass_matches_dense_teacher(cache: str, tiny_teacher_dir: Path) -> 
     reader = CacheReader(cache)
     stats = cache_stats(reader)
     dense = _dense(tiny_teacher_dir, reader)
-    assert stats.positions == 8 * 16 and not stats.sampled
+    # the statistics cover trained positions: the cache's loss_mask (not the last of each row)
+    trained = reader.read("loss_mask", slice(None)).reshape(-1)
+    assert stats.masked and trained.sum() == 8 * 15
+    assert stats.positions == 8 * 15 and not stats.sampled
     for t in TEMPS:
-        p = dense[f"{t:g}"]
+        p = dense[f"{t:g}"][trained]
         tail = 1.0 - np.cumsum(p[:, :K], axis=1)  # (P, K) exact, float64
         got = stats.tail[f"{t:g}"]
         np.testing.assert_allclose(got["mean"], tail.mean(0), atol=2e-3)
@@ -69,7 +72,7 @@ def test_tail_mass_matches_dense_teacher(cache: str, tiny_teacher_dir: Path) -> 
     assert stats.tail_at(2.0, 1) > stats.tail_at(1.0, 1) + 0.02
     # top-1 probability is exact; the true entropy lies within the reported bounds
     for t in TEMPS:
-        p = dense[f"{t:g}"]
+        p = dense[f"{t:g}"][trained]
         e = stats.entropy[f"{t:g}"]
         np.testing.assert_allclose(e["top1"], p[:, 0], atol=2e-3)
         h = -(p * np.log(np.maximum(p, 1e-300))).sum(1)
@@ -103,7 +106,7 @@ def test_sampling_is_seeded_and_said(cache: str) -> None:
     assert rows.size == 10 and len(set(rows.tolist())) == 10
     np.testing.assert_array_equal(rows, sample_rows(np.arange(100), 10, seed=3))
     stats = cache_stats(CacheReader(cache), max_positions=3 * 16)
-    assert stats.sampled and stats.rows_sampled == 3 and stats.positions == 48
+    assert stats.sampled and stats.rows_sampled == 3 and stats.positions == 3 * 15  # loss_mask
     assert "sampled 3 of 8 completed rows" in summary_text(stats)
 
 
