@@ -53,7 +53,8 @@ def test_report_writes_page_plots_and_summary(root: Path, tmp_path: Path) -> Non
     for name in ("index.html", "tail_mass.png", "entropy.png", "report.json"):
         assert (tmp_path / "rep" / name).stat().st_size > 500
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert data["positions"] == 128 and set(data["tail"]) == {"1", "2"}
+    # trained positions only (loss_mask): 8 rows x 15, the last of each row is not trained
+    assert data["positions"] == 8 * 15 and set(data["tail"]) == {"1", "2"}
     assert "Traceback" not in res.stderr and "it/s" not in res.stderr  # no bar off a terminal
 
 
