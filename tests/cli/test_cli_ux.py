@@ -220,9 +220,9 @@ def test_report_of_a_served_cache(
     """`kdcache report http://…/v1/caches/<id>` reads through the service like a local path."""
     served = tmp_path / "served"
     shutil.copytree(_cache(root), served / "caches" / _cache(root).name)
-    settings = Settings(root=str(served), admin_token="adm", read_token="rd")
+    settings = Settings(root=str(served), admin_token="admin-token-ux", read_token="read-token-ux")
     with serve(create_app(settings)) as url:
-        env = _env(KDCACHE_SERVER=url, KDCACHE_TOKEN="adm")
+        env = _env(KDCACHE_SERVER=url, KDCACHE_TOKEN="admin-token-ux")
         job = _job(tmp_path, tiny_teacher_dir, tokens_npy)
         sub = subprocess.run(
             [sys.executable, "-m", "kdcache.cli", "submit", str(job)],
@@ -246,7 +246,7 @@ def test_report_of_a_served_cache(
             ],
             capture_output=True,
             text=True,
-            env={**env, "KDCACHE_TOKEN": "rd"},
+            env={**env, "KDCACHE_TOKEN": "read-token-ux"},
             timeout=300,
         )
         assert res.returncode == 0, res.stderr
