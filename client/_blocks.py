@@ -133,7 +133,9 @@ class BlockReader:
         shape = list(layout.shape[1:])
         if self.seq_len is not None:
             shape[0] = min(self.seq_len, shape[0])
-        out = np.empty((len(rows), *shape), dtype=TENSOR_DTYPES.get(field, layout.dtype))
+        coded = field == "topk_logprobs" and self.manifest.topk_codec != "fp16"
+        dtype = layout.dtype if coded else TENSOR_DTYPES.get(field, layout.dtype)  # decoded later
+        out = np.empty((len(rows), *shape), dtype=dtype)
         return out, layout.tasks(locate, rows, out, self.seq_len)
 
     def read(self, rows: np.ndarray) -> RowBlock:

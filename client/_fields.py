@@ -33,6 +33,7 @@ from kdcache.core.format import (
     Manifest,
     hidden_array,
 )
+from kdcache.core.topk_codec import decode_logprobs
 
 __all__ = [
     "LOSS_MASK",
@@ -126,6 +127,8 @@ def default_loss_mask(n: int, stored_len: int, seq_len: int | None = None) -> np
 def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
     if field in ("input_ids", "topk_indices", "sample_indices", "sample_counts"):
         return torch.from_numpy(data.astype(np.int64, copy=False))
+    if field == "topk_logprobs" and manifest.topk_codec != "fp16":
+        data = decode_logprobs(data, manifest.topk_codec)
     if field in ("topk_logprobs", "topk_logsumexp", "sample_logprobs"):
         return torch.from_numpy(data.astype(np.float32, copy=False))
     if field == LOSS_MASK:

@@ -27,6 +27,7 @@ import numpy as np
 
 from kdcache.core.errors import CacheFormatError
 from kdcache.core.layout import shard_key
+from kdcache.core.topk_codec import logprobs_storage
 
 __all__ = [
     "ARRAY_INPUT_IDS",
@@ -38,6 +39,7 @@ __all__ = [
     "ARRAY_SAMPLE_INDICES",
     "ARRAY_SAMPLE_LOGPROBS",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "ArraySpec",
     "Manifest",
     "array_specs",
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)
+"""Versions this code reads and writes: 2 = 1 plus coded ``topk/logprobs`` (core.topk_codec)."""
 MANIFEST_KEY = "kdcache"
 ARRAY_INPUT_IDS = "input_ids"
 ARRAY_LOGPROBS = "topk/logprobs"
@@ -119,6 +123,10 @@ class ArraySpec:
     row_shape: tuple[int, ...]
     dtype: str
     logical_dtype: str
+    coding: str = ""
+    """The transform :mod:`kdcache.core.topk_codec` applied (array attribute ``coding``)."""
+    shuffle: str = "shuffle"
+    """Blosc's shuffle for this array: ``shuffle`` (bytes) or ``bitshuffle``."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,7 @@ class Manifest:
     sample_seed: int = 0
     loss_mask: bool = False
     """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
+    topk_codec: str = "fp16"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -176,10 +185,10 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         """Parse a manifest; refuse versions this code does not know."""
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in FORMAT_VERSIONS:
             raise CacheFormatError(
                 f"cache format version {version!r} is not supported (this kdcache reads "
-                f"version {FORMAT_VERSION})"
+                f"versions {', '.join(map(str, FORMAT_VERSIONS))})"
             )
         known = set(cls.__dataclass_fields__)
         try:
@@ -200,9 +209,13 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         out.append(ArraySpec(ARRAY_LOSS_MASK, (t,), "bool", "bool"))
     if m.topk > 0:
         k, n = m.topk, len(m.temperatures)
+        coded = m.topk_codec != "fp16"
+        width, stored = logprobs_storage(m.topk_codec, k)
+        coding = m.topk_codec if coded else ""
+        shuffle = "bitshuffle" if coded else "shuffle"
         out += [
-            ArraySpec(ARRAY_LOGPROBS, (t, k), "float16", "float16"),
-            ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype),
+            ArraySpec(ARRAY_LOGPROBS, (t, width), stored, "float16", coding),
+            ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype, shuffle=shuffle),
             ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
         ]
     if m.hidden_layers:

@@ -110,6 +110,8 @@ class JobPlan:
             "loss_mask": True,
         }
         # Options at their defaults stay out, so caches made before they existed keep their ids.
+        if out.topk_codec != "fp16":
+            identity.update(topk_codec=out.topk_codec)
         if out.sample_draws:
             identity.update(sample_draws=out.sample_draws, sample_seed=out.sample_seed)
         return identity

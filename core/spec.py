@@ -30,6 +30,7 @@ __all__ = [
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HiddenDType = Literal["bfloat16", "float16", "float32"]
+TopkCodec = Literal["fp16", "lossless", "q8", "q4"]
 # ASCII digits only: \d also matches other scripts' digits ("uniform:٣"), which int() accepts.
 _UNIFORM = re.compile(r"^uniform:([0-9]{1,6})$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,4}|mps)$")
@@ -155,6 +156,11 @@ class OutputSpec(_Model):
         0, ge=0, le=65535, description="draws per position from the teacher at t=1; 0 = off"
     )
     sample_seed: int = Field(0, ge=0, lt=1 << 63, description="seed of the draws (per row)")
+    topk_codec: TopkCodec = Field(
+        "fp16",
+        description="fp16 (format v1) | lossless (format v2: the same fp16 values and ids in "
+        "fewer bytes) | q8 | q4 (lossy: 8 / 4-bit log-probs with a range per position)",
+    )
 
     @field_validator("temperatures")
     @classmethod

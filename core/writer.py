@@ -36,8 +36,12 @@ CODECS: dict[str, Any] = {
 }
 
 
-def _compressors() -> tuple[BloscCodec, Crc32cCodec]:
-    blosc = BloscCodec(cname=CODECS["cname"], clevel=CODECS["clevel"], shuffle=CODECS["shuffle"])
+def _compressors(shuffle: str = CODECS["shuffle"]) -> tuple[BloscCodec, Crc32cCodec]:
+    blosc = BloscCodec(
+        cname=CODECS["cname"],
+        clevel=CODECS["clevel"],
+        shuffle="bitshuffle" if shuffle == "bitshuffle" else "shuffle",
+    )
     return blosc, Crc32cCodec()
 
 
@@ -48,13 +52,15 @@ def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
     attrs: dict[str, Any] = (
         {"dtype": spec.logical_dtype} if spec.logical_dtype != spec.dtype else {}
     )
+    if spec.coding:
+        attrs["coding"] = spec.coding
     group.create_array(
         spec.name,
         shape=(m.num_rows, *spec.row_shape),
         dtype=spec.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=_compressors(),
+        compressors=_compressors(spec.shuffle),
         fill_value=0,
         attributes=attrs,
     )

@@ -22,11 +22,18 @@ from typing import Any, TextIO
 import numpy as np
 
 from kdcache.core.errors import Problem, SpecError
-from kdcache.core.format import ARRAY_INPUT_IDS, ARRAY_LOSS_MASK, Manifest, index_dtype
+from kdcache.core.format import (
+    ARRAY_INPUT_IDS,
+    ARRAY_LOGPROBS,
+    ARRAY_LOSS_MASK,
+    Manifest,
+    index_dtype,
+)
 from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
+from kdcache.core.topk_codec import encode_logprobs
 from kdcache.core.writer import CODECS, CacheWriter
 from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
@@ -99,6 +106,8 @@ def build_manifest(
         sample_draws=spec.outputs.sample_draws,
         sample_seed=spec.outputs.sample_seed,
         loss_mask=True,
+        topk_codec=spec.outputs.topk_codec,
+        format_version=1 if spec.outputs.topk_codec == "fp16" else 2,
     )
 
 
@@ -187,6 +196,8 @@ class ShardRunner:
             sample_draws=m.sample_draws,
             sample_seed=m.sample_seed,
         )
+        if ARRAY_LOGPROBS in data:
+            data[ARRAY_LOGPROBS] = encode_logprobs(data[ARRAY_LOGPROBS], m.topk_codec)
         data[ARRAY_INPUT_IDS] = np.ascontiguousarray(ids, dtype=np.int32)
         data[ARRAY_LOSS_MASK] = np.ascontiguousarray(self.job.source.loss_mask(start, end))
         return data
