@@ -20,10 +20,14 @@ __all__ = [
     "HF_DATA_SUFFIXES",
     "cache_id",
     "canonical_json",
+    "dataset_files",
     "dataset_fingerprint",
     "hash_file",
+    "module_file",
     "sha256_file",
+    "teacher_files",
     "teacher_fingerprint",
+    "tokenizer_files",
     "tokenizer_fingerprint",
 ]
 
@@ -73,23 +77,52 @@ def _hash_named_files(root: Path, names: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def teacher_fingerprint(hf_dir: str | None = None, module: str | None = None) -> str:
-    """Hash of a HF directory's config and weight files, or of a module teacher's source file."""
-    if hf_dir is not None:
-        root = Path(hf_dir)
-        files = [root / n for n in CONFIG_FILES if (root / n).is_file()]
-        files += [p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
-        return "hf:" + _hash_named_files(root, files)
-    if module is None:
-        raise ValueError("teacher_fingerprint needs hf_dir or module")
-    mod_name = module.split(":", 1)[0]
-    h = hashlib.sha256(module.encode())
+def teacher_files(hf_dir: str | Path) -> list[Path]:
+    """The files of a HF directory that its fingerprint hashes: config and weights."""
+    root = Path(hf_dir)
+    files = [root / n for n in CONFIG_FILES if (root / n).is_file()]
+    return files + [p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a ``module:`` teacher's module, where there is one."""
     try:
-        found = importlib.util.find_spec(mod_name)
+        found = importlib.util.find_spec(module.split(":", 1)[0])
     except (ImportError, ValueError):
         found = None
     if found is not None and found.origin and Path(found.origin).is_file():
-        h.update(hash_file(found.origin).encode())
+        return Path(found.origin)
+    return None
+
+
+def tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
+    """The files of a tokenizer directory that its fingerprint hashes."""
+    root = Path(tokenizer_dir)
+    return [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The files a dataset fingerprint hashes: the file, or a folder's files but hidden ones."""
+    root = Path(path)
+    if not root.is_dir():
+        return [root]
+    return [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+
+
+def teacher_fingerprint(hf_dir: str | None = None, module: str | None = None) -> str:
+    """Hash of a HF directory's config and weight files, or of a module teacher's source file."""
+    if hf_dir is not None:
+        return "hf:" + _hash_named_files(Path(hf_dir), teacher_files(hf_dir))
+    if module is None:
+        raise ValueError("teacher_fingerprint needs hf_dir or module")
+    h = hashlib.sha256(module.encode())
+    source = module_file(module)
+    if source is not None:
+        h.update(hash_file(source).encode())
     return "module:" + h.hexdigest()
 
 
@@ -97,9 +130,8 @@ def tokenizer_fingerprint(tokenizer_dir: str | None) -> str | None:
     """Hash of a tokenizer's files, or None where the directory holds no tokenizer."""
     if tokenizer_dir is None:
         return None
-    root = Path(tokenizer_dir)
-    files = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
-    return "tok:" + _hash_named_files(root, files) if files else None
+    files = tokenizer_files(tokenizer_dir)
+    return "tok:" + _hash_named_files(Path(tokenizer_dir), files) if files else None
 
 
 def dataset_fingerprint(path: str | Path, params: dict[str, Any] | None = None) -> str:
@@ -110,12 +142,7 @@ def dataset_fingerprint(path: str | Path, params: dict[str, Any] | None = None) 
     """
     root = Path(path)
     if root.is_dir():
-        files = [
-            p
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ]
-        h = hashlib.sha256(("dir:" + _hash_named_files(root, files)).encode())
+        h = hashlib.sha256(("dir:" + _hash_named_files(root, dataset_files(root))).encode())
     else:
         h = hashlib.sha256(hash_file(root).encode())
     if params:

@@ -40,6 +40,7 @@ __all__ = [
     "JobList",
     "JobStatus",
     "Lease",
+    "LeasePlan",
     "LeaseRequest",
     "PreparedIn",
     "Problem",
@@ -112,6 +113,28 @@ class LeaseRequest(_In):
     job_id: str | None = Field(None, max_length=64)
 
 
+class LeasePlan(_Out):
+    """What the service resolved for a job at submit time, sent with each of its leases.
+
+    A worker whose files ``stat`` the same as the service's (``files``: absolute path ->
+    ``[size, mtime_ns, ctime_ns]`` of the teacher's config and weights, the dataset and the
+    tokenizer) takes the fingerprints from here instead of hashing every weight file again
+    (see :mod:`kdcache.core.leaseplan`).
+    """
+
+    teacher_fingerprint: str
+    dataset_fingerprint: str
+    tokenizer_fingerprint: str | None = None
+    num_rows: int | None = None
+    seq_len: int
+    vocab_size: int | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    max_positions: int | None = None
+    layer_map: dict[str, int] = Field(default_factory=dict)
+    files: dict[str, tuple[int, int, int]] = Field(default_factory=dict)
+
+
 class Lease(_Out):
     """One unit of work owned by the caller until ``deadline``: a shard to compute and write
     (``kind: shard``), or a document job's dataset to tokenise first (``kind: prepare``,
@@ -129,6 +152,9 @@ class Lease(_Out):
     spec: JobSpec
     cache_url: str = Field(description="the cache to write into: <ROOT>/caches/<cache_id>")
     attempt: int = Field(description="1 for the first try of this shard")
+    plan: LeasePlan | None = Field(
+        None, description="the job's resolved plan; null for jobs submitted before it existed"
+    )
 
 
 class Heartbeat(_Out):

@@ -32,6 +32,7 @@ from sqlalchemy import (
     inspect,
     select,
     text,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -55,7 +56,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PREPARE_SHARD = -1
 """The shard number of a document job's prepare step (tokenise the dataset; no rows)."""
 _LIVE_SQL = "status IN ({})".format(", ".join(f"'{s}'" for s in LIVE_JOB_STATES))
@@ -84,6 +85,8 @@ class JobRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # the resolved plan leases carry (core.wire.LeasePlan); null for jobs of schema version 1
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # 0 while a document job is not prepared yet (its row count unknown)
     shards_total: Mapped[int] = mapped_column(Integer)
     rows_total: Mapped[int] = mapped_column(Integer)
@@ -200,13 +203,39 @@ def _stored_version(engine: Engine) -> int | None:
     return max(found) if found else None
 
 
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # version 1 -> 2: jobs keep their resolved plan for the leases (issue 10)
+    1: ("ALTER TABLE jobs ADD COLUMN plan JSON",),
+}
+"""Statements that take a database from version N to N + 1 (plain SQL: SQLite and PostgreSQL)."""
+
+
+def _migrate(engine: Engine, found: int) -> int:
+    """Run the migrations from ``found`` up to :data:`SCHEMA_VERSION`; returns the version now."""
+    with engine.execution_options(**{WRITE: True}).begin() as conn:
+        # the row lock (PostgreSQL; SQLite's write lock is taken at BEGIN) keeps a second
+        # service starting now from running the same statements again
+        lock = select(SchemaVersionRow.version).with_for_update()
+        version = conn.execute(lock).scalars().all()
+        found = max(version) if version else found
+        while found < SCHEMA_VERSION and found in _MIGRATIONS:
+            for statement in _MIGRATIONS[found]:
+                conn.execute(text(statement))
+            log.info("migrated the job store schema from version %d to %d", found, found + 1)
+            found += 1
+        conn.execute(update(SchemaVersionRow).values(version=found, applied_at=time.time()))
+    return found
+
+
 def init_schema(engine: Engine) -> int:
-    """Create the tables if needed and check the stored schema version; returns it.
+    """Create the tables if needed, migrate an older schema and check the version; returns it.
 
     Refuses (:class:`SchemaVersionError`) a database written by a newer kdcache, whose tables
     this code would misread, and an older version it has no migration from.
     """
     found = _stored_version(engine)
+    if found is not None and found < SCHEMA_VERSION and found in _MIGRATIONS:
+        found = _migrate(engine, found)
     if found is not None and found != SCHEMA_VERSION:
         newer = found > SCHEMA_VERSION
         raise SchemaVersionError(

@@ -249,6 +249,7 @@ class LeaseBook:
             spec=job.spec,  # type: ignore[arg-type]  # validated into JobSpec by pydantic
             cache_url=self.cache_url(job.cache_id),
             attempt=attempt,
+            plan=job.plan,  # type: ignore[arg-type]  # validated into LeasePlan by pydantic
         )
 
     # -- heartbeat, complete, fail -------------------------------------------------------------

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from kdcache.core.errors import Conflict, NotFound
 from kdcache.core.layout import cache_url
+from kdcache.core.leaseplan import to_lease_plan
 from kdcache.core.prepared import prepared_url, read_prepared_meta
 from kdcache.core.resolve import JobPlan
 from kdcache.core.storage import open_storage
@@ -151,6 +152,7 @@ class JobStore:
             if live is not None:
                 return self.view(s, live), False
         plan = self._prepared(plan)
+        lease_plan = to_lease_plan(plan).model_dump(mode="json")
         num_rows, num_shards = plan.num_rows or 0, plan.num_shards or 0
         carried = carried_records(self.db, self.root, cache_id, num_rows, per) if num_rows else {}
         now = time.time()
@@ -168,6 +170,7 @@ class JobStore:
                         name=plan.spec.name,
                         status="done" if all_done else "pending",
                         spec=plan.spec.model_dump(mode="json"),
+                        plan=lease_plan,
                         shards_total=num_shards,
                         rows_total=num_rows,
                         seq_len=plan.seq_len,

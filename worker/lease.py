@@ -40,11 +40,13 @@ from kdcache.core.errors import (
     Unauthorized,
 )
 from kdcache.core.layout import cache_url
+from kdcache.core.leaseplan import plan_of_lease
 from kdcache.core.prepared import PreparedRows, prepared_url
+from kdcache.core.resolve import JobPlan
 from kdcache.core.rest import ServiceLink
 from kdcache.core.retry import RetryPolicy
 from kdcache.core.shards import ShardRecord
-from kdcache.core.spec import parse_spec
+from kdcache.core.spec import JobSpec, parse_spec
 from kdcache.core.storage import open_storage
 from kdcache.core.wire import Lease
 from kdcache.core.writer import CacheWriter
@@ -144,6 +146,12 @@ class _GuardedTeacher:
         return self.inner.forward_features(ids, layers)
 
 
+def _checked_plan(lease: Lease, spec: JobSpec) -> JobPlan | None:
+    """The service's plan of the lease's job when this host's files are the ones it hashed;
+    None (resolve here, hashing the files) otherwise or for a lease without a plan."""
+    return None if lease.plan is None else plan_of_lease(spec, lease.plan)
+
+
 class _JobCache:
     """The last job's loaded teacher and open writer, so a teacher loads once per job."""
 
@@ -176,7 +184,7 @@ class _JobCache:
         url = self.url(lease)
         # A document job's rows were tokenised once by its prepare lease and stored with the cache.
         source = PreparedRows(open_storage(prepared_url(url))) if spec.dataset.documents else None
-        job = prepare_job(spec, source=source)
+        job = prepare_job(spec, plan=_checked_plan(lease, spec), source=source)
         if job.manifest.cache_id != lease.cache_id:
             raise ManifestMismatchError(
                 f"this worker resolves job {lease.job_id} to cache {job.manifest.cache_id}, the "
@@ -214,7 +222,11 @@ def _prepare(lease: Lease, jobs: _JobCache, should_stop: Callable[[], bool]) -> 
     _ShardAbandoned when stopped)."""
     spec = parse_spec(lease.spec)
     meta = prepare_documents(
-        spec, open_storage(prepared_url(jobs.url(lease))), lease.cache_id, should_stop=should_stop
+        spec,
+        open_storage(prepared_url(jobs.url(lease))),
+        lease.cache_id,
+        should_stop=should_stop,
+        plan=_checked_plan(lease, spec),
     )
     if meta is None or should_stop():
         raise _ShardAbandoned

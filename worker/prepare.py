@@ -21,7 +21,7 @@ from kdcache.core.prepared import (
     read_prepared_meta,
     write_prepared,
 )
-from kdcache.core.resolve import resolve_job
+from kdcache.core.resolve import JobPlan, resolve_job
 from kdcache.core.spec import JobSpec
 from kdcache.core.storage import Storage
 from kdcache.worker.datasets import DatasetSource, open_checked
@@ -57,13 +57,16 @@ def prepare_documents(
     cache_id: str,
     *,
     should_stop: Callable[[], bool] = lambda: False,
+    plan: JobPlan | None = None,
 ) -> PreparedMeta | None:
     """Tokenise ``spec``'s documents into ``storage`` (its ``prepared_url``); None when stopped.
 
-    Raises :class:`ManifestMismatchError` when this host resolves the spec to another cache (its
-    files differ from the service's), and :class:`SpecError` naming the field and row of bad data.
+    ``plan`` is the job's plan when known (a lease's, checked against this host's files); else
+    the spec is resolved here. Raises :class:`ManifestMismatchError` when that gives another
+    cache (this host's files differ from the service's), and :class:`SpecError` naming the field
+    and row of bad data.
     """
-    plan = resolve_job(spec)
+    plan = plan or resolve_job(spec)
     if plan.cache_id != cache_id:
         raise ManifestMismatchError(
             f"this worker resolves the job to cache {plan.cache_id}, the service to {cache_id}: "
