@@ -19,6 +19,7 @@ import zarr
 from kdcache.client._fields import to_tensors
 from kdcache.client._shardread import FastLayout, Task
 from kdcache.core.format import Manifest
+from kdcache.core.hidden_basis import Basis
 from kdcache.core.reader import corrupt_as_integrity_error
 
 __all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "read_rows"]
@@ -101,6 +102,7 @@ class BlockReader:
     """Reads blocks of rows of the selected fields for one process.
 
     ``fields``: every field asked, those without an array (a default ``loss_mask``) included.
+    ``bases``: a pca cache's basis per layer, to decode its codes to full width.
     ``locate`` maps a store key to a local file when shard objects are on local disk (a local
     cache, or remote objects in the disk cache); those arrays take the fast path of
     :mod:`kdcache.client._shardread`. Without it, or for another layout, rows come through zarr.
@@ -114,8 +116,10 @@ class BlockReader:
         pool: ThreadPoolExecutor,
         locate: Callable[[str], str | None] | None = None,
         fields: Sequence[str] = (),
+        bases: Basis | None = None,
     ) -> None:
         self.manifest = manifest
+        self.bases = bases
         self.fields = list(fields) or list(arrays)
         self.arrays = dict(arrays)
         self.seq_len = seq_len
@@ -156,7 +160,7 @@ class BlockReader:
         for fut in done:
             fut.result()
         data = {f: data[f] for f in self.arrays}
-        tensors = to_tensors(self.manifest, uniq, data, self.fields, self.seq_len)
+        tensors = to_tensors(self.manifest, uniq, data, self.fields, self.seq_len, self.bases)
         nbytes = sum(
             t.numel() * t.element_size() for k, t in tensors.items() if k != "temperatures"
         )

@@ -12,6 +12,11 @@ before the ``loss_mask`` array existed reads as true everywhere but the last pos
 
 ``sample_indices`` (T, m) int64, ``sample_counts`` (T, m) int64 and ``sample_logprobs`` (T, m)
 float32 (the teacher's draws at t=1; ``temperatures`` and ``loss_mask`` come with them too).
+
+Coded hidden states (``outputs.hidden_codec``): int8 and fp8 decode to (T, d) float32 (the
+per-token scale array is read alongside, under the internal key ``hidden_<layer>.scale``);
+``pca:R`` gives its codes (T, R) in the stored dtype, or with ``bases`` the decoded (T, d)
+float32 ``mean + codes @ basis``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,14 @@ from kdcache.core.format import (
     ARRAY_SAMPLE_LOGPROBS,
     Manifest,
     hidden_array,
+)
+from kdcache.core.hidden_basis import Basis
+from kdcache.core.hidden_codec import (
+    decode_pca,
+    decode_scaled,
+    from_storage,
+    parse_hidden_codec,
+    scale_array,
 )
 from kdcache.core.topk_codec import decode_logprobs
 
@@ -55,6 +68,8 @@ SAMPLE_KEYS = {
     "sample_logprobs": ARRAY_SAMPLE_LOGPROBS,
 }
 LOSS_MASK = "loss_mask"
+SCALE_SUFFIX = ".scale"
+"""Internal key suffix of a hidden field's per-token scales (never in a batch)."""
 
 
 def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]:
@@ -106,7 +121,9 @@ def arrays_for(fields: Iterable[str]) -> dict[str, str]:
         elif f in SAMPLE_KEYS:
             out[f] = SAMPLE_KEYS[f]
         elif f.startswith("hidden_"):
-            out[f] = hidden_array(int(f.removeprefix("hidden_")))
+            layer = int(f.removeprefix("hidden_"))
+            out[f] = hidden_array(layer)
+            out[f + SCALE_SUFFIX] = scale_array(layer)  # stored by int8 / fp8 caches only
     return out
 
 
@@ -139,21 +156,48 @@ def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
     return t
 
 
+def _hidden(
+    field: str,
+    arr: np.ndarray,
+    data: Mapping[str, np.ndarray],
+    manifest: Manifest,
+    bases: Basis | None,
+) -> torch.Tensor:
+    """A coded hidden field as a tensor: 8-bit codes decoded, pca codes as stored or decoded."""
+    codec = parse_hidden_codec(manifest.hidden_codec)
+    if codec.scaled:
+        scale = data[field + SCALE_SUFFIX]
+        return torch.from_numpy(decode_scaled(arr, scale, codec.kind))
+    if bases is not None:
+        vecs, mean = bases[int(field.removeprefix("hidden_"))]
+        return torch.from_numpy(decode_pca(from_storage(arr, manifest.hidden_dtype), vecs, mean))
+    return _tensor(field, arr, manifest)
+
+
 def to_tensors(
     manifest: Manifest,
     rows: np.ndarray,
     data: Mapping[str, np.ndarray],
     fields: Iterable[str] = (),
     seq_len: int | None = None,
+    bases: Basis | None = None,
 ) -> dict[str, torch.Tensor]:
     """Field key -> tensor for a block of rows (leading dimension = len(rows)).
+
+    ``bases`` (layer -> (basis, mean)) decodes a ``pca:R`` cache's codes to full width.
 
     ``fields`` asked but absent from ``data`` (only ``loss_mask`` can be) get their default,
     cropped to ``seq_len``.
     """
     out = {"row": torch.from_numpy(np.asarray(rows, dtype=np.int64))}
+    codec = parse_hidden_codec(manifest.hidden_codec)
     for field, arr in data.items():
-        out[field] = _tensor(field, arr, manifest)
+        if field.endswith(SCALE_SUFFIX):
+            continue
+        if field.startswith("hidden_") and codec.kind != "exact":
+            out[field] = _hidden(field, arr, data, manifest, bases)
+        else:
+            out[field] = _tensor(field, arr, manifest)
     if LOSS_MASK in fields and LOSS_MASK not in data:
         mask = default_loss_mask(len(rows), manifest.seq_len, seq_len)
         out[LOSS_MASK] = torch.from_numpy(mask)

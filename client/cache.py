@@ -17,14 +17,15 @@ import torch
 
 from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
 from kdcache.client._remote import RemoteStorage
-from kdcache.core.errors import CacheNotFoundError, NotFound
+from kdcache.core.errors import CacheNotFoundError, KDCacheError, NotFound
 from kdcache.core.format import ARRAY_LOSS_MASK, Manifest
+from kdcache.core.hidden_basis import Basis, read_basis, read_basis_record
 from kdcache.core.reader import CacheReader
 from kdcache.core.rest import ServiceLink
 from kdcache.core.shards import ShardRecord
 from kdcache.core.storage import FsspecStorage, Storage, is_remote, open_storage
 
-__all__ = ["TeacherCache", "open_reader"]
+__all__ = ["TeacherCache", "hidden_bases", "open_reader"]
 
 # arrays a cache may hold beyond its manifest's (written by newer kdcache; older caches lack them)
 _OPTIONAL_ARRAYS = (ARRAY_LOSS_MASK,)
@@ -84,8 +85,25 @@ def open_reader(
     return _attach_optional(reader)
 
 
+def hidden_bases(reader: CacheReader) -> Basis:
+    """A ``pca:R`` cache's stored basis per layer (empty for other caches), checked against
+    its published record when the record is readable (over HTTP: once shard 0 is complete)."""
+    m = reader.manifest
+    if not m.basis_arrays():
+        return {}
+    try:
+        record = read_basis_record(reader.storage)
+    except (OSError, KDCacheError):
+        record = None
+    return read_basis(reader.group, m, record)
+
+
 class TeacherCache:
-    """Random access by row to a cache, as torch tensors ready for the losses."""
+    """Random access by row to a cache, as torch tensors ready for the losses.
+
+    ``decode_hidden``: for a ``pca:R`` cache, ``hidden_<l>`` decoded to (T, d) float32 rather
+    than its codes (T, R); :meth:`hidden_basis` gives the basis either way.
+    """
 
     def __init__(
         self,
@@ -93,9 +111,30 @@ class TeacherCache:
         *,
         token: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        decode_hidden: bool = False,
     ) -> None:
         self.source = str(source)
         self.reader = open_reader(source, token=token, storage_options=storage_options)
+        self.decode_hidden = bool(decode_hidden)
+        self._bases: Basis | None = None
+
+    def hidden_basis(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``pca:R`` cache's (basis (R, d), mean (d,)) float32 for ``layer``: codes c decode
+        to ``mean + c @ basis``; a student state s projects into the basis as
+        ``(s - mean) @ basis.T``."""
+        bases = self._hidden_bases()
+        if layer not in bases:
+            raise KeyError(
+                f"no pca basis for layer {layer}: the cache's hidden codec is "
+                f"{self.manifest.hidden_codec!r}, its layers {self.manifest.hidden_layers}"
+            )
+        vecs, mean = bases[layer]
+        return torch.from_numpy(vecs), torch.from_numpy(mean)
+
+    def _hidden_bases(self) -> Basis:
+        if self._bases is None:
+            self._bases = hidden_bases(self.reader)
+        return self._bases
 
     @property
     def manifest(self) -> Manifest:
@@ -133,7 +172,8 @@ class TeacherCache:
         """Tensors for ``rows`` with a leading batch dimension: keys as in the module docs."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         keys = expand_fields(self.manifest, fields)
-        return to_tensors(self.manifest, idx, self.read(keys, idx), keys)
+        bases = self._hidden_bases() if self.decode_hidden else None
+        return to_tensors(self.manifest, idx, self.read(keys, idx), keys, bases=bases)
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         """One row without the batch dimension."""

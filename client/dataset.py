@@ -41,7 +41,7 @@ from kdcache.client._remote import (
 )
 from kdcache.client._resume import DatasetState, ResumeError, resume_point
 from kdcache.client._validate import check_expectations
-from kdcache.client.cache import open_reader
+from kdcache.client.cache import hidden_bases, open_reader
 from kdcache.core.errors import ShardIncompleteError
 from kdcache.core.format import Manifest
 from kdcache.core.reader import CacheReader
@@ -125,6 +125,8 @@ class CacheDataset(IterableDataset[Sample]):
     ``seq_len``, ``cache_id``, ``teacher_fingerprint``, ``dataset_fingerprint``. Every mismatch is
     reported at once by a ManifestMismatchError before any row is read.
     retries: attempts on transient remote errors; read_threads: decode threads per process.
+    decode_hidden: for a ``pca:R`` cache, give ``hidden_<l>`` decoded to (T, d) float32 instead
+    of its codes (T, R) (int8 / fp8 caches always decode to (T, d) float32).
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class CacheDataset(IterableDataset[Sample]):
         expect: Mapping[str, Any] | None = None,
         retries: int = 3,
         read_threads: int = 4,
+        decode_hidden: bool = False,
     ) -> None:
         super().__init__()
         d_rank, d_world = _dist_rank_world()
@@ -167,6 +170,7 @@ class CacheDataset(IterableDataset[Sample]):
         self.cache_limit_bytes = int(cache_limit_bytes)
         self.token, self.storage_options = token, storage_options
         self.retries, self.read_threads = int(retries), max(1, int(read_threads))
+        self.decode_hidden = bool(decode_hidden)
         self._opened: _Opened | None = None
         reader = self._open_reader(None)
         self.manifest = reader.manifest
@@ -256,7 +260,10 @@ class CacheDataset(IterableDataset[Sample]):
         elif remote is not None and remote.cache is not None:
             locate = _cache_locator(remote.cache)
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
-        blocks = BlockReader(self.manifest, arrays, self.seq_len, pool, locate, self.fields)
+        bases = hidden_bases(reader) if self.decode_hidden else None
+        blocks = BlockReader(
+            self.manifest, arrays, self.seq_len, pool, locate, self.fields, bases=bases
+        )
         self._opened = _Opened(os.getpid(), reader, blocks, remote)
         return self._opened
 

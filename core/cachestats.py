@@ -23,8 +23,8 @@ from kdcache.core.format import (
     ARRAY_LOGPROBS,
     ARRAY_LOGSUMEXP,
     ARRAY_LOSS_MASK,
-    hidden_array,
 )
+from kdcache.core.hidden_basis import read_hidden
 from kdcache.core.reader import CacheReader
 
 __all__ = [
@@ -216,8 +216,7 @@ def _topk_stats(
 def _hidden_stats(reader: CacheReader, rows: np.ndarray, stats: CacheStats) -> None:
     m = reader.manifest
     for layer in m.hidden_layers:
-        raw = reader.read(hidden_array(layer), rows)
-        vals = bf16_bits_to_float32(raw) if m.hidden_dtype == "bfloat16" else raw
+        vals = read_hidden(reader, layer, rows)  # decoded whatever the hidden codec
         norms = np.linalg.norm(vals.astype(np.float32).reshape(-1, vals.shape[-1]), axis=1)
         norms = norms[np.isfinite(norms)].astype(np.float64)
         summary = _summary(norms)

@@ -13,6 +13,10 @@ the teacher's prediction of token j+1::
     sample/counts    (N, T, m)       uint8 | uint16: how often each was drawn, 0 = padding
     sample/logprobs  (N, T, m)       float16   z_v - lse_1 of each drawn id (0 on padding)
 
+With ``outputs.hidden_codec`` other than ``exact`` (format v2), ``hidden/<layer>`` holds codes and
+``hidden_scale/<layer>`` or ``hidden_pca/<layer>/{basis,mean}`` what decodes them
+(:mod:`kdcache.core.hidden_codec`).
+
 Every array is sharded along rows: one Zarr shard = ``rows_per_shard`` rows = one lease, so a
 worker always writes whole shard objects. Inside a shard, chunks are small enough that reading one
 row touches little else.
@@ -26,6 +30,12 @@ from typing import Any
 import numpy as np
 
 from kdcache.core.errors import CacheFormatError
+from kdcache.core.hidden_codec import (
+    parse_hidden_codec,
+    pca_basis_array,
+    pca_mean_array,
+    scale_array,
+)
 from kdcache.core.layout import shard_key
 from kdcache.core.topk_codec import logprobs_storage
 
@@ -53,7 +63,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 FORMAT_VERSIONS = (1, 2)
-"""Versions this code reads and writes: 2 = 1 plus coded ``topk/logprobs`` (core.topk_codec)."""
+"""Versions this code reads and writes: 2 = 1 plus coded ``topk/logprobs`` (core.topk_codec)
+and coded hidden states (core.hidden_codec)."""
 MANIFEST_KEY = "kdcache"
 ARRAY_INPUT_IDS = "input_ids"
 ARRAY_LOGPROBS = "topk/logprobs"
@@ -157,6 +168,7 @@ class Manifest:
     loss_mask: bool = False
     """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
     topk_codec: str = "fp16"
+    hidden_codec: str = "exact"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -171,6 +183,27 @@ class Manifest:
     def sample_width(self) -> int:
         """m, the last axis of ``sample/*``: no position has more distinct draws than this."""
         return min(self.sample_draws, self.vocab_size)
+
+    @property
+    def hidden_width(self) -> int | None:
+        """The last axis of ``hidden/<layer>`` rows: R for ``pca:R``, else the hidden size d
+        (what a student's projection maps to: ``HiddenProjector(map, d_s, m.hidden_width)``)."""
+        if self.hidden_size is None:
+            return None
+        return parse_hidden_codec(self.hidden_codec).width(self.hidden_size)
+
+    def basis_arrays(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of the pca basis and mean arrays (float32, not per row); empty unless
+        ``hidden_codec`` is ``pca:R``."""
+        codec = parse_hidden_codec(self.hidden_codec)
+        if codec.kind != "pca" or self.hidden_size is None:
+            return []
+        d = self.hidden_size
+        return [
+            item
+            for layer in self.hidden_layers
+            for item in ((pca_basis_array(layer), (codec.rank, d)), (pca_mean_array(layer), (d,)))
+        ]
 
     def shard_rows(self, shard: int) -> tuple[int, int]:
         return shard_rows(shard, self.rows_per_shard, self.num_rows)
@@ -221,9 +254,15 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
     if m.hidden_layers:
         if m.hidden_size is None:
             raise CacheFormatError("manifest has hidden layers but no hidden_size")
-        stored = HIDDEN_STORAGE[m.hidden_dtype]
+        codec = parse_hidden_codec(m.hidden_codec)
+        stored = codec.code_dtype(HIDDEN_STORAGE[m.hidden_dtype])
+        logical = m.hidden_dtype if codec.kind in ("exact", "pca") else stored
+        coding = "" if codec.kind == "exact" else codec.name
         for layer in m.hidden_layers:
-            out.append(ArraySpec(hidden_array(layer), (t, m.hidden_size), stored, m.hidden_dtype))
+            row = (t, codec.width(m.hidden_size))
+            out.append(ArraySpec(hidden_array(layer), row, stored, logical, coding))
+            if codec.scaled:
+                out.append(ArraySpec(scale_array(layer), (t,), "float32", "float32"))
     if m.sample_draws:
         w, counts = m.sample_width, sample_count_dtype(m.sample_draws)
         out += [

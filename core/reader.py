@@ -190,6 +190,10 @@ class CacheReader:
             problems.append(
                 f"record lists arrays {sorted(rec.checksums)}, cache has {sorted(want)}"
             )
+        if shard == 0:  # the pca basis is fitted on the first rows: it belongs to shard 0
+            from kdcache.core.hidden_basis import basis_problems
+
+            problems += basis_problems(self.group, self.storage, self.manifest)
         for name in sorted(want & set(rec.checksums)):
             key = shard_key(name, shard, self.arrays[name].ndim)
             if not self.storage.exists(key):

@@ -20,6 +20,7 @@ from kdcache.core import fingerprint as fp
 from kdcache.core.documents import check_head, has_chat_template
 from kdcache.core.errors import Problem, SpecError
 from kdcache.core.format import FORMAT_VERSION
+from kdcache.core.hidden_codec import parse_hidden_codec
 from kdcache.core.spec import DatasetSpec, JobSpec, parse_spec, read_spec_file
 
 __all__ = [
@@ -112,6 +113,8 @@ class JobPlan:
         # Options at their defaults stay out, so caches made before they existed keep their ids.
         if out.topk_codec != "fp16":
             identity.update(topk_codec=out.topk_codec)
+        if out.hidden_codec != "exact":
+            identity.update(hidden_codec=out.hidden_codec)
         if out.sample_draws:
             identity.update(sample_draws=out.sample_draws, sample_seed=out.sample_seed)
         return identity
@@ -209,6 +212,15 @@ def _check_outputs(spec: JobSpec, info: TeacherInfo, seq_len: int) -> list[Probl
                         f"0..{info.num_layers}",
                     )
                 )
+    codec = parse_hidden_codec(out.hidden_codec)
+    if codec.kind == "pca" and info.hidden_size is not None and codec.rank > info.hidden_size:
+        problems.append(
+            Problem(
+                "outputs.hidden_codec",
+                f"{codec.name}: R = {codec.rank} exceeds the teacher's hidden width "
+                f"{info.hidden_size}",
+            )
+        )
     if info.max_positions is not None and seq_len > info.max_positions:
         problems.append(
             Problem(

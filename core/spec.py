@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdcache.core.errors import Problem, SpecError
+from kdcache.core.hidden_codec import parse_hidden_codec
 
 __all__ = [
     "DatasetSpec",
@@ -161,6 +162,11 @@ class OutputSpec(_Model):
         description="fp16 (format v1) | lossless (format v2: the same fp16 values and ids in "
         "fewer bytes) | q8 | q4 (lossy: 8 / 4-bit log-probs with a range per position)",
     )
+    hidden_codec: str = Field(
+        "exact",
+        description="exact (hidden_dtype, format v1) | int8 | fp8 (8-bit codes with a scale per "
+        "token) | pca:R (R principal components, basis fitted on the first rows)",
+    )
 
     @field_validator("temperatures")
     @classmethod
@@ -193,10 +199,20 @@ class OutputSpec(_Model):
             raise ValueError(f"layer indices must be distinct, got {v}")
         return v
 
+    @field_validator("hidden_codec")
+    @classmethod
+    def _hidden_codec(cls, v: str) -> str:
+        return parse_hidden_codec(v).name
+
     @model_validator(mode="after")
     def _something(self) -> OutputSpec:
         if self.topk == 0 and not self.hidden_layers and not self.sample_draws:
             raise ValueError("nothing to keep: set topk > 0, sample_draws > 0 or hidden_layers")
+        if self.hidden_codec != "exact" and not self.hidden_layers:
+            raise ValueError(
+                f"hidden_codec {self.hidden_codec!r} codes hidden states, but hidden_layers "
+                "keeps none"
+            )
         return self
 
     def uniform_student_layers(self) -> int | None:

@@ -20,7 +20,7 @@ from kdcache.core.format import MANIFEST_KEY, ArraySpec, Manifest, plan_chunks
 from kdcache.core.shards import ShardRecord, checksum, list_records, write_record
 from kdcache.core.storage import Storage, open_storage
 
-__all__ = ["CODECS", "CacheWriter"]
+__all__ = ["CODECS", "CacheWriter", "compressors"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ CODECS: dict[str, Any] = {
 }
 
 
-def _compressors(shuffle: str = CODECS["shuffle"]) -> tuple[BloscCodec, Crc32cCodec]:
+def compressors(shuffle: str = CODECS["shuffle"]) -> tuple[BloscCodec, Crc32cCodec]:
+    """The codecs of every array kdcache writes (Blosc ``shuffle`` or ``bitshuffle``, CRC-32C)."""
     blosc = BloscCodec(
         cname=CODECS["cname"],
         clevel=CODECS["clevel"],
@@ -60,7 +61,7 @@ def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
         dtype=spec.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=_compressors(spec.shuffle),
+        compressors=compressors(spec.shuffle),
         fill_value=0,
         attributes=attrs,
     )

@@ -11,7 +11,8 @@ What ``make demo`` runs (about 2-3 minutes on 2 cores, no network):
    hard labels; hard labels + top-k KD; hard labels + KD + hidden-state matching;
 4. print the cache's size, the teacher pass's speed and every model's held-out loss.
 
-Usage: ``python examples/demo.py [--out demo-out] [--keep] [--tiny] [--seed 0]``.
+Usage: ``python examples/demo.py [--out demo-out] [--keep] [--tiny] [--seed 0]
+[--hidden-codec exact|int8|fp8|pca:R]``.
 ``--tiny`` shrinks everything (for the smoke test); the numbers then mean little.
 """
 
@@ -231,7 +232,9 @@ def make_teacher(sizes: Sizes, seed: int, out: Path) -> tuple[Path, np.ndarray, 
     return teacher_dir, train, val
 
 
-def write_job(sizes: Sizes, out: Path, teacher_dir: Path, train: np.ndarray) -> Path:
+def write_job(
+    sizes: Sizes, out: Path, teacher_dir: Path, train: np.ndarray, hidden_codec: str = "exact"
+) -> Path:
     """The training tokens as (N, T) int32 .npy and a job spec naming them; returns the spec."""
     tokens = out / "train_tokens.npy"
     np.save(tokens, train)
@@ -244,6 +247,7 @@ def write_job(sizes: Sizes, out: Path, teacher_dir: Path, train: np.ndarray) -> 
             "temperatures": [1.0, 2.0],
             "hidden_layers": f"uniform:{sizes.student_layers}",
             "hidden_dtype": "bfloat16",
+            **({"hidden_codec": hidden_codec} if hidden_codec != "exact" else {}),
         },
         "batch_size": 16,
         "rows_per_shard": 256,
@@ -288,7 +292,8 @@ def train_student(
     if mode == "kd+hidden":
         fields.append("hidden")
         layer_map = LayerMap.from_manifest(m)
-        projector = HiddenProjector(layer_map, sizes.student_dim, m.hidden_size)
+        # hidden_width: the teacher's d, or R for a pca:R cache (students map into its basis)
+        projector = HiddenProjector(layer_map, sizes.student_dim, m.hidden_width)
         params += list(projector.parameters())
 
     # The demo's cache is small enough to read whole, once; a big one streams with CacheDataset.
@@ -329,6 +334,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-steps", type=int, help="override the teacher's training steps")
     p.add_argument("--student-steps", type=int, help="override each student's training steps")
+    p.add_argument(
+        "--hidden-codec",
+        default="exact",
+        help="outputs.hidden_codec of the cache: exact (default), int8, fp8 or pca:R",
+    )
     return p.parse_args(argv)
 
 
@@ -355,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher_dir, train, val = make_teacher(sizes, args.seed, out)
 
     header("2/4 job: training tokens + job spec")
-    job = write_job(sizes, out, teacher_dir, train)
+    job = write_job(sizes, out, teacher_dir, train, args.hidden_codec)
 
     header("3/4 teacher pass: kdcache run (one forward per row, cached)")
     caches = out / "root" / "caches"

@@ -4,6 +4,7 @@ Served: every ``zarr.json`` (metadata), and the chunk keys and completion record
 shards only. A chunk key ``<array>/c/<i>/<j>...`` belongs to row-shard ``i``: every array is
 sharded ``(rows_per_shard, *row_shape)``, so its first grid index is the shard. Nothing else is
 served: no ``..``, no absolute keys, no dot-files (``.partial`` temp files), no other names.
+A ``pca:R`` cache's basis (``hidden_pca/...`` and its record) is served with shard 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 from kdcache.core.errors import CacheFormatError
 from kdcache.core.format import MANIFEST_KEY, Manifest
+from kdcache.core.hidden_basis import BASIS_RECORD_KEY
 from kdcache.core.layout import CACHES_DIR, RECORDS_PREFIX, parse_chunk_key, parse_record_key
 from kdcache.core.storage import is_remote
 
@@ -58,10 +60,12 @@ def classify_key(key: str, manifest: dict[str, Any] | None) -> KeyKind | None:
     if manifest is None:
         return None
     try:
-        ndims = {a.name: 1 + len(a.row_shape) for a in Manifest.from_dict(manifest).arrays()}
+        m = Manifest.from_dict(manifest)
     except CacheFormatError:
         return None
-    found = parse_chunk_key(key, ndims)
+    if key == BASIS_RECORD_KEY or parse_chunk_key(key, {n: len(s) for n, s in m.basis_arrays()}):
+        return KeyKind("chunk", 0)  # a pca basis: fitted on the first rows, served with shard 0
+    found = parse_chunk_key(key, {a.name: 1 + len(a.row_shape) for a in m.arrays()})
     return KeyKind("chunk", found[1]) if found is not None else None
 
 

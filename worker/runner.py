@@ -29,6 +29,7 @@ from kdcache.core.format import (
     Manifest,
     index_dtype,
 )
+from kdcache.core.hidden_codec import parse_hidden_codec
 from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
@@ -37,6 +38,7 @@ from kdcache.core.topk_codec import encode_logprobs
 from kdcache.core.writer import CODECS, CacheWriter
 from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
+from kdcache.worker.hidden_coding import BasisHolder, encode_hidden
 from kdcache.worker.progress import Progress
 from kdcache.worker.teachers import Teacher, load_teacher
 
@@ -107,7 +109,10 @@ def build_manifest(
         sample_seed=spec.outputs.sample_seed,
         loss_mask=True,
         topk_codec=spec.outputs.topk_codec,
-        format_version=1 if spec.outputs.topk_codec == "fp16" else 2,
+        hidden_codec=spec.outputs.hidden_codec,
+        format_version=1
+        if spec.outputs.topk_codec == "fp16" and spec.outputs.hidden_codec == "exact"
+        else 2,
     )
 
 
@@ -157,7 +162,19 @@ def prepare_job(
     )
     plan = plan.complete(teacher=info, num_rows=source.num_rows)
     dtype = str(teacher.dtype).removeprefix("torch.")
-    manifest = build_manifest(plan, _hidden_size(teacher, plan.layers), dtype)
+    hidden_size = _hidden_size(teacher, plan.layers)
+    codec = parse_hidden_codec(plan.spec.outputs.hidden_codec)
+    if codec.kind == "pca" and hidden_size is not None and codec.rank > hidden_size:
+        raise SpecError(
+            [
+                Problem(
+                    "outputs.hidden_codec",
+                    f"{codec.name}: R = {codec.rank} exceeds the teacher's hidden width "
+                    f"{hidden_size}",
+                )
+            ]
+        )
+    manifest = build_manifest(plan, hidden_size, dtype)
     return PreparedJob(plan=plan, manifest=manifest, teacher=teacher, source=source)
 
 
@@ -172,6 +189,8 @@ class ShardRunner:
             "pid": os.getpid(),
             "teacher": job.teacher.description,
         }
+        self.codec = parse_hidden_codec(job.manifest.hidden_codec)
+        self.basis = BasisHolder(job, writer) if self.codec.kind == "pca" else None
 
     def compute(
         self, shard: int, on_batch: Callable[[int], None] | None = None
@@ -180,8 +199,10 @@ class ShardRunner:
 
         ``on_batch(rows)`` is called after each batch (a progress bar within the shard)."""
         m, spec = self.job.manifest, self.job.plan.spec
+        basis = None if self.basis is None else self.basis.get()  # before any shard is coded
         start, end = m.shard_rows(shard)
         ids = self.job.source.rows(start, end)
+        coded = self.codec.kind != "exact"
         data = extract_batches(
             self.job.teacher,
             ids,
@@ -190,7 +211,7 @@ class ShardRunner:
             topk=m.topk,
             temperatures=m.temperatures,
             layers=m.hidden_layers,
-            hidden_dtype=m.hidden_dtype,
+            hidden_dtype="float32" if coded else m.hidden_dtype,
             index_dtype=m.index_dtype,
             on_batch=on_batch,
             sample_draws=m.sample_draws,
@@ -198,6 +219,13 @@ class ShardRunner:
         )
         if ARRAY_LOGPROBS in data:
             data[ARRAY_LOGPROBS] = encode_logprobs(data[ARRAY_LOGPROBS], m.topk_codec)
+        if coded:
+            raw = {k: v for k, v in data.items() if k.startswith("hidden/")}
+            encode_hidden(data, m, basis)
+            # another worker's fit may have been published since: code with the one that won
+            while self.basis is not None and not self.basis.current():
+                data.update(raw)
+                encode_hidden(data, m, self.basis.get())
         data[ARRAY_INPUT_IDS] = np.ascontiguousarray(ids, dtype=np.int32)
         data[ARRAY_LOSS_MASK] = np.ascontiguousarray(self.job.source.loss_mask(start, end))
         return data

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Bytes and error of each ``outputs.hidden_codec`` on the demo teacher, and the demo students.
+
+For every codec this writes the demo's cache (top-32, temperatures 1 and 2, ``uniform:2``
+hidden layers) with ``kdcache``'s embedded runner, then prints one table, side by side:
+
+- hidden bytes/token: the stored bytes of ``hidden/``, ``hidden_scale/`` and ``hidden_pca/``
+  (every file, Zarr metadata and the pca basis included) over the cached tokens, and the ratio
+  to the bfloat16 ``exact`` cache;
+- relative error per token, ``||decoded - h|| / ||h||`` against the teacher's float32 hidden
+  states (a float32 ``exact`` cache): mean and 99th percentile over tokens and layers;
+- with ``--students``: the held-out loss (nats/token) of the demo's ``kd+hidden`` student
+  trained from each cache (same init, batches and steps), beside a ``kd``-only student.
+
+The teacher is the demo's: ``--teacher-dir DIR`` reuses one laid out as ``DIR/teacher`` (HF
+dir with tokenizer), ``DIR/train.npy`` and ``DIR/heldout.npy`` (what ``bench/storage.py``
+trains at vocab 2048); without it, ``examples/demo.py``'s own teacher is trained into ``--out``
+(once). ``measure()`` is the reusable part.
+
+Usage: ``python bench/hidden_codecs.py [--teacher-dir DIR] [--out DIR] [--students]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CODECS = ("exact", "int8", "fp8", "pca:64", "pca:32", "pca:16")
+HIDDEN_PREFIXES = ("hidden/", "hidden_scale/", "hidden_pca/")
+
+
+def demo_module() -> ModuleType:
+    """``examples/demo.py`` as a module (it is a script, not a package)."""
+    name = "kdcache_demo_example"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "demo.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def teacher(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(teacher dir, train rows, held-out rows): ``--teacher-dir``'s, or the demo's (made once)."""
+    base = Path(args.teacher_dir) if args.teacher_dir else Path(args.out) / "demo-teacher"
+    if (base / "train.npy").is_file() and (base / "teacher" / "config.json").is_file():
+        return base / "teacher", np.load(base / "train.npy"), np.load(base / "heldout.npy")
+    if args.teacher_dir:
+        raise SystemExit(f"{base} has no teacher/, train.npy and heldout.npy")
+    demo = demo_module()
+    base.mkdir(parents=True, exist_ok=True)
+    teacher_dir, train, val = demo.make_teacher(demo.FULL, args.seed, base)
+    np.save(base / "heldout.npy", val)
+    np.save(base / "train.npy", train)
+    return teacher_dir, train, val
+
+
+def cache_spec(teacher_dir: Path, tokens: Path, codec: str, hidden_dtype: str = "bfloat16") -> Any:
+    from kdcache.core.spec import parse_spec
+
+    return parse_spec(
+        {
+            "name": f"hidden-codec-{codec}",
+            "teacher": {"hf": str(teacher_dir), "dtype": "float32", "device": "cpu"},
+            "dataset": {"tokens": str(tokens)},
+            "outputs": {
+                "topk": 32,
+                "temperatures": [1.0, 2.0],
+                "hidden_layers": "uniform:2",
+                "hidden_dtype": hidden_dtype,
+                "hidden_codec": codec,
+            },
+            "batch_size": 16,
+            "rows_per_shard": 256,
+        }
+    )
+
+
+def hidden_bytes(cache: str) -> int:
+    """Stored bytes of every hidden-state file of a cache (codes, scales, basis, metadata)."""
+    base = Path(cache)
+    return sum(
+        p.stat().st_size
+        for p in base.rglob("*")
+        if p.is_file() and p.relative_to(base).as_posix().startswith(HIDDEN_PREFIXES)
+    )
+
+
+def rel_errors(cache: str, ref: dict[int, np.ndarray]) -> np.ndarray:
+    """Per-token relative L2 error of a cache's decoded hidden states against ``ref``."""
+    from kdcache.client import TeacherCache
+
+    tc = TeacherCache(cache, decode_hidden=True)
+    rows = np.arange(tc.manifest.num_rows)
+    batch = tc.batch(rows, ["hidden"])
+    errs = []
+    for layer, h in ref.items():
+        got = batch[f"hidden_{layer}"].double().numpy()
+        errs.append(np.linalg.norm(got - h, axis=-1) / np.linalg.norm(h, axis=-1))
+    return np.concatenate([e.reshape(-1) for e in errs])
+
+
+def measure(
+    teacher_dir: Path, train: np.ndarray, codecs: Sequence[str], work: Path
+) -> list[dict[str, Any]]:
+    """One row per codec: hidden bytes/token, ratio to bfloat16 exact, relative error (mean,
+    p99), the cache path and seconds of the teacher pass."""
+    from kdcache.core.reader import CacheReader
+    from kdcache.worker.runner import run_job
+
+    work.mkdir(parents=True, exist_ok=True)
+    tokens = work / "train.npy"
+    np.save(tokens, train)
+    root = work / "root"
+    ref_cache = run_job(cache_spec(teacher_dir, tokens, "exact", "float32"), root)
+    reader = CacheReader(ref_cache)
+    ref = {
+        layer: reader.read(f"hidden/{layer}", slice(None)).astype(np.float64)
+        for layer in reader.manifest.hidden_layers
+    }
+    n_tokens = reader.manifest.num_tokens
+    rows = []
+    for codec in codecs:
+        t0 = time.perf_counter()
+        cache = run_job(cache_spec(teacher_dir, tokens, codec), root)
+        seconds = time.perf_counter() - t0
+        err = rel_errors(cache, ref)
+        rows.append(
+            {
+                "codec": codec,
+                "cache": cache,
+                "bytes_per_token": hidden_bytes(cache) / n_tokens,
+                "rel_err_mean": float(err.mean()),
+                "rel_err_p99": float(np.quantile(err, 0.99)),
+                "seconds": seconds,
+            }
+        )
+    base = next((r["bytes_per_token"] for r in rows if r["codec"] == "exact"), None)
+    for r in rows:
+        r["ratio"] = r["bytes_per_token"] / base if base else float("nan")
+    return rows
+
+
+def students(
+    rows: list[dict[str, Any]], train: np.ndarray, val: np.ndarray, steps: int, seed: int
+) -> dict[str, float]:
+    """Held-out loss of the demo's kd+hidden student per codec, and of a kd-only student."""
+    import torch
+
+    from kdcache.client import TeacherCache
+
+    demo = demo_module()
+    sizes = replace(demo.FULL, student_steps=steps)
+    order = demo.batches(len(train), sizes.batch, steps, seed + 2)
+    held = {}
+    for r in rows:
+        cache = TeacherCache(r["cache"])
+        modes = ["kd", "kd+hidden"] if r["codec"] == "exact" else ["kd+hidden"]
+        for mode in modes:
+            torch.manual_seed(seed)
+            student = demo.train_student(mode, cache, sizes, order, seed + 3)
+            key = r["codec"] if mode == "kd+hidden" else "kd (no hidden)"
+            held[key] = demo.heldout_loss(student, val)
+            print(f"  student {mode:<10} {key:<16} held-out {held[key]:.4f}", flush=True)
+    return held
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher-dir", help="DIR with teacher/, train.npy, heldout.npy")
+    p.add_argument("--out", default="bench-out/hidden-codecs", help="work directory")
+    p.add_argument("--codecs", default=",".join(CODECS))
+    p.add_argument("--students", action="store_true", help="train the demo students too")
+    p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    teacher_dir, train, val = teacher(args)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(teacher_dir)
+    print(
+        f"teacher {teacher_dir}: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"vocab {cfg.vocab_size}; {train.shape[0]} x {train.shape[1]} training tokens",
+        flush=True,
+    )
+    rows = measure(teacher_dir, train, args.codecs.split(","), Path(args.out))
+    held = students(rows, train, val, args.student_steps, args.seed) if args.students else {}
+    print(
+        "\n| hidden_codec | hidden bytes/token (2 layers) | vs bf16 exact | rel. error mean "
+        "| rel. error p99 |" + (" student held-out loss |" if held else "")
+    )
+    print("|---|---:|---:|---:|---:|" + ("---:|" if held else ""))
+    for r in rows:
+        line = (
+            f"| {r['codec']} | {r['bytes_per_token']:.1f} | {r['ratio']:.3f} | "
+            f"{r['rel_err_mean']:.2e} | {r['rel_err_p99']:.2e} |"
+        )
+        if held:
+            line += f" {held[r['codec']]:.4f} |"
+        print(line)
+    if "kd (no hidden)" in held:
+        print(f"| (kd student, no hidden loss) | | | | | {held['kd (no hidden)']:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
