@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,13 @@ from kdcache.client._remote import (
 from kdcache.client._resume import DatasetState, ResumeError, resume_point
 from kdcache.client._validate import check_expectations
 from kdcache.client.cache import hidden_bases, open_reader
+from kdcache.client.ensemble import (
+    as_sources,
+    check_ensemble,
+    check_weights,
+    member_fields,
+    merge_blocks,
+)
 from kdcache.core.errors import ShardIncompleteError
 from kdcache.core.format import Manifest
 from kdcache.core.reader import CacheReader
@@ -57,12 +64,14 @@ DEFAULT_WINDOW_BYTES = 256 << 20
 
 @dataclass
 class _Opened:
-    """One process's open cache: reader, arrays of the selected fields, remote storage."""
+    """One process's open cache: reader, arrays of the selected fields, remote storage, and the
+    other teachers' caches of an ensemble."""
 
     pid: int
     reader: CacheReader
     blocks: BlockReader
     remote: RemoteStorage | None
+    members: list[_Opened] = field(default_factory=list)
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -104,7 +113,11 @@ def _cache_locator(cache: DiskCache) -> Callable[[str], str | None]:
 class CacheDataset(IterableDataset[Sample]):
     """An IterableDataset over a teacher cache: one dict per row, each row once per epoch.
 
-    source: a cache directory, ``s3://...`` URL, or ``http(s)://host/v1/caches/<id>`` service URL.
+    source: a cache directory, ``s3://...`` URL, or ``http(s)://host/v1/caches/<id>`` service URL;
+    or a list of them over the same rows, an ensemble of teachers (:mod:`kdcache.client.ensemble`:
+    samples then carry ``teacher_weights`` and ``teacher{j}_<key>`` for each teacher's fields),
+    with ``weights`` one per cache (normalised; uniform by default). The first cache decides
+    the order, ``row``, ``input_ids`` and ``state_dict``.
     fields: field keys (``input_ids``, ``topk`` = the three topk keys, ``hidden_<layer>``,
     ``hidden`` = every layer); None for everything. A sample is ``{"row": () int64,
     "input_ids": (T,) int64, "topk_logprobs": (T, k) float32, "topk_indices": (T, k) int64,
@@ -131,7 +144,7 @@ class CacheDataset(IterableDataset[Sample]):
 
     def __init__(
         self,
-        source: str | os.PathLike[str],
+        source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         fields: Sequence[str] | str | None = None,
         shuffle: bool = True,
         seed: int = 0,
@@ -152,6 +165,7 @@ class CacheDataset(IterableDataset[Sample]):
         retries: int = 3,
         read_threads: int = 4,
         decode_hidden: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         d_rank, d_world = _dist_rank_world()
@@ -161,7 +175,11 @@ class CacheDataset(IterableDataset[Sample]):
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-        self.source = str(source)
+        self.sources = as_sources(source)
+        self.source = self.sources[0]
+        if weights is not None and len(self.sources) == 1:
+            raise ValueError("weights are for an ensemble; pass a list of caches as the source")
+        self.weights = check_weights(weights, len(self.sources)) if len(self.sources) > 1 else None
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.batch_size = batch_size
         self.policy: Policy = "drop" if drop_last else ("pad" if pad else "none")
@@ -172,7 +190,7 @@ class CacheDataset(IterableDataset[Sample]):
         self.retries, self.read_threads = int(retries), max(1, int(read_threads))
         self.decode_hidden = bool(decode_hidden)
         self._opened: _Opened | None = None
-        reader = self._open_reader(None)
+        reader = self._open_reader(None, self.source)
         self.manifest = reader.manifest
         m = self.manifest
         if not reader.is_complete:
@@ -181,6 +199,13 @@ class CacheDataset(IterableDataset[Sample]):
                 f"{m.num_shards} shards complete; CacheDataset needs a complete cache"
             )
         self.fields = expand_fields(m, fields)
+        self.member_manifests: list[Manifest] = []
+        if len(self.sources) > 1:
+            readers = [reader, *(self._open_reader(None, s) for s in self.sources[1:])]
+            check_ensemble(readers, self.sources)
+            self.member_manifests = [r.manifest for r in readers[1:]]
+            for mm, src in zip(self.member_manifests, self.sources[1:], strict=True):
+                member_fields(mm, self.fields, src)
         if seq_len is not None and not 1 <= seq_len <= m.seq_len:
             raise ValueError(
                 f"seq_len must be in [1, {m.seq_len}] (the cached length); got {seq_len}"
@@ -225,7 +250,7 @@ class CacheDataset(IterableDataset[Sample]):
         self._log_plan()
 
     # ---- opening, once per process -------------------------------------------------------
-    def _open_reader(self, cache_id: str | None) -> CacheReader:
+    def _open_reader(self, cache_id: str | None, source: str) -> CacheReader:
         """Open the cache; remote storage gets retries, and a disk cache once the id is known."""
 
         def wrap(storage: Storage) -> Storage:
@@ -236,22 +261,29 @@ class CacheDataset(IterableDataset[Sample]):
 
         return retry_call(
             lambda: open_reader(
-                self.source,
+                source,
                 token=self.token,
                 storage_options=self.storage_options,
-                wrap_storage=wrap if is_remote(self.source) else None,
+                wrap_storage=wrap if is_remote(source) else None,
             ),
             self.retries,
             0.2,
-            f"open {self.source}",
+            f"open {source}",
         )
 
     def _open_here(self) -> _Opened:
-        """This process's open cache (reopened after fork or unpickling)."""
+        """This process's open cache(s) (reopened after fork or unpickling)."""
         if self._opened is not None and self._opened.pid == os.getpid():
             return self._opened
-        reader = self._open_reader(self.manifest.cache_id)
-        names = stored_arrays(self.fields, reader.arrays)
+        opened = self._open_one(self.source, self.manifest, self.fields)
+        for m, src in zip(self.member_manifests, self.sources[1:], strict=True):
+            opened.members.append(self._open_one(src, m, member_fields(m, self.fields, src)))
+        self._opened = opened
+        return opened
+
+    def _open_one(self, source: str, manifest: Manifest, fields: list[str]) -> _Opened:
+        reader = self._open_reader(manifest.cache_id, source)
+        names = stored_arrays(fields, reader.arrays)
         arrays = {f: reader.arrays[name] for f, name in names.items()}
         remote = reader.storage if isinstance(reader.storage, RemoteStorage) else None
         locate: Callable[[str], str | None] | None = None
@@ -261,11 +293,8 @@ class CacheDataset(IterableDataset[Sample]):
             locate = _cache_locator(remote.cache)
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
         bases = hidden_bases(reader) if self.decode_hidden else None
-        blocks = BlockReader(
-            self.manifest, arrays, self.seq_len, pool, locate, self.fields, bases=bases
-        )
-        self._opened = _Opened(os.getpid(), reader, blocks, remote)
-        return self._opened
+        blocks = BlockReader(manifest, arrays, self.seq_len, pool, locate, fields, bases=bases)
+        return _Opened(os.getpid(), reader, blocks, remote)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -363,12 +392,20 @@ class CacheDataset(IterableDataset[Sample]):
 
     # ---- iteration ------------------------------------------------------------------------
     def _read(self, opened: _Opened, order: EpochOrder, positions: np.ndarray) -> RowBlock:
-        """Decode the rows at ``positions`` (epoch positions of one window)."""
+        """Decode the rows at ``positions`` (epoch positions of one window), of every teacher."""
         rows = order.rows_at(positions)
+        block = self._read_rows(opened, rows)
+        if not opened.members or self.weights is None:
+            return block
+        others = [self._read_rows(member, rows) for member in opened.members]
+        return merge_blocks([block, *others], self.weights)
+
+    @staticmethod
+    def _read_rows(opened: _Opened, rows: np.ndarray) -> RowBlock:
         remote, blocks = opened.remote, opened.blocks
         if remote is None or remote.cache is None:
             return blocks.read(rows)
-        shards = np.unique(rows // self.manifest.rows_per_shard).tolist()
+        shards = np.unique(rows // blocks.manifest.rows_per_shard).tolist()
         keys = shard_object_keys(list(blocks.arrays.values()), shards)
         with remote.cache.pinned(keys):
             download_objects(remote, keys, blocks.pool)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIVERGENCES",
+    "ENSEMBLES",
     "HIDDEN_KINDS",
     "TAILS",
     "TARGETS",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 TAILS: tuple[str, ...] = ("bucket", "renormalize", "ignore")
+ENSEMBLES: tuple[str, ...] = ("mixture", "sum")
 HIDDEN_KINDS: tuple[str, ...] = ("mse", "cosine")
 
 _TEMPERATURE_TOLERANCE = 1e-6
@@ -220,6 +222,7 @@ def kd_loss(
     tail: str = "bucket",
     mask: Tensor | None = None,
     targets: str | None = None,
+    ensemble: str = "mixture",
 ) -> Tensor:
     """Top-k KD loss of a student against a cached teacher; a scalar tensor.
 
@@ -233,13 +236,24 @@ def kd_loss(
     targets: ``"topk"`` (default when the batch has top-k), ``"sample"`` (default otherwise) or
     ``"topk+sample"``: unbiased estimates from the cached draws, forward KL only
     (:mod:`kdcache.client._sampled`; ``tail`` does not apply).
+    ensemble: for a batch of several teachers (``teacher_weights``, from
+    ``CacheDataset([a, b, ...])``): ``"mixture"`` compares the student with the weighted mixture
+    of the teachers on the union of their cached ids plus a merged tail; ``"sum"`` weighs the
+    per-teacher losses (:mod:`kdcache.client._mixture`). Top-k targets only.
 
     Raises TemperatureNotCachedError (a ValueError) for an uncached temperature with
     ``tail="bucket"`` or ``"ignore"``; ValueError for unknown choices or mismatched shapes.
     """
     require_choice(divergence, DIVERGENCES, "divergence")
     require_choice(tail, TAILS, "tail")
+    require_choice(ensemble, ENSEMBLES, "ensemble")
     t = _check_temperature(temperature)
+    if "teacher_weights" in batch:
+        from kdcache.client._mixture import mixture_kd_loss
+
+        if targets not in (None, "topk"):
+            raise ValueError(f"an ensemble batch takes targets='topk' only; got {targets!r}")
+        return mixture_kd_loss(student_logits, batch, t, divergence, tail, mask, ensemble)
     targets = resolve_targets(batch, targets)
     if targets != "topk":
         return _sampled(student_logits, batch, t, divergence, _default_mask(batch, mask), targets)
