@@ -117,6 +117,8 @@ class JobPlan:
             identity.update(hidden_codec=out.hidden_codec)
         if out.sample_draws:
             identity.update(sample_draws=out.sample_draws, sample_seed=out.sample_seed)
+        if self.spec.generate is not None:
+            identity.update(generate=self.spec.generate.identity)
         return identity
 
     @property
@@ -222,13 +224,33 @@ def _check_outputs(spec: JobSpec, info: TeacherInfo, seq_len: int) -> list[Probl
             )
         )
     if info.max_positions is not None and seq_len > info.max_positions:
+        gen = spec.generate
         problems.append(
             Problem(
+                "generate.max_new_tokens",
+                f"prompts of {seq_len - gen.max_new_tokens} tokens + {gen.max_new_tokens} new "
+                f"tokens exceed the teacher's window of {info.max_positions}",
+            )
+            if gen is not None
+            else Problem(
                 "dataset",
                 f"rows of {seq_len} tokens exceed the teacher's window of {info.max_positions}",
             )
         )
     return problems
+
+
+def _check_generate(spec: JobSpec) -> list[Problem]:
+    """Prompts must be plain rows; a conversation has no single place to continue from."""
+    if spec.dataset.messages_field is not None:
+        return [
+            Problem(
+                "generate",
+                "prompts must be plain rows (dataset.tokens, or text_field documents); "
+                "conversations (dataset.messages_field) are not supported as prompts",
+            )
+        ]
+    return []
 
 
 def _resolve_teacher(spec: JobSpec, base: Path | None, problems: list[Problem]):
@@ -355,6 +377,9 @@ def resolve_job(spec: JobSpec, base_dir: str | Path | None = None) -> JobPlan:
         )
     if ds.jsonl is not None and missing is None:
         problems += check_head(data_path, ds.field, ds.messages_field)
+    if spec.generate is not None:
+        problems += _check_generate(spec)
+        seq_len += spec.generate.max_new_tokens if seq_len else 0
     problems += _check_outputs(spec, info, seq_len)
     if problems:
         raise SpecError(problems)

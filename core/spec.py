@@ -21,6 +21,7 @@ from kdcache.core.hidden_codec import parse_hidden_codec
 
 __all__ = [
     "DatasetSpec",
+    "GenerateSpec",
     "JobSpec",
     "OutputSpec",
     "TeacherSpec",
@@ -223,8 +224,51 @@ class OutputSpec(_Model):
         return None
 
 
+class GenerateSpec(_Model):
+    """Sequence-level KD (Kim & Rush 2016): the teacher continues each dataset row (a prompt).
+
+    The cache's ``input_ids`` are then prompt + continuation, right-padded to ``seq_len +
+    max_new_tokens``, with ``loss_mask`` true only where the next token is a generated one; the
+    teacher's top-k, samples and hidden states are taken over those rows. Sampling draws one
+    uniform per (row, step) keyed by ``(seed, dataset row)``, so a row's continuation does not
+    depend on which batch, shard attempt or worker generates it.
+    """
+
+    max_new_tokens: int = Field(..., ge=1, le=1 << 16, description="tokens generated per prompt")
+    do_sample: bool = Field(False, description="false: greedy; true: sample (seeded per row)")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="seed of the draws (per dataset row)")
+    stop_at_eos: bool = Field(True, description="end a continuation at the teacher's EOS")
+
+    @model_validator(mode="after")
+    def _sampling_only(self) -> GenerateSpec:
+        if not self.do_sample:
+            # values, not fields set: a dumped spec (job.json, a lease) names every field
+            given = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+            bad = [k for k, v in given.items() if v != GenerateSpec.model_fields[k].default]
+            if bad:
+                raise ValueError(f"{bad} only apply with do_sample: true (greedy otherwise)")
+        return self
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What shapes the generated tokens (hashed into the cache id)."""
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "stop_at_eos": self.stop_at_eos,
+        }
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        return out
+
+
 class JobSpec(_Model):
-    """A cache job: which teacher, which data, what to keep, and how to split the work."""
+    """A cache job: which teacher, which data, what to keep, and how to split the work.
+
+    With ``generate`` the dataset's rows are prompts the teacher continues first
+    (:class:`GenerateSpec`)."""
 
     name: str = Field("kdcache-job", max_length=200)
     teacher: TeacherSpec
@@ -232,6 +276,9 @@ class JobSpec(_Model):
     outputs: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     batch_size: int = Field(8, ge=1, le=65536)
     rows_per_shard: int = Field(256, ge=1, le=1 << 20)
+    generate: GenerateSpec | None = Field(
+        None, description="sequence-level KD: the teacher continues each row first"
+    )
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -85,6 +85,8 @@ def build_manifest(
             dataset.update(split=ds.split or "train")
         if ds.max_rows is not None:
             dataset.update(max_rows=ds.max_rows)
+    if spec.generate is not None:
+        dataset.update(generate=spec.generate.identity)
     return Manifest(
         cache_id=plan.cache_id,
         num_rows=plan.num_rows,
@@ -154,6 +156,10 @@ def prepare_job(
     teacher = load_teacher(plan.spec.teacher)
     if source.num_rows < 1:
         raise SpecError([Problem("dataset", "the dataset yields no rows")])
+    if plan.spec.generate is not None:  # the rows are prompts: the teacher continues them first
+        from kdcache.worker.generate import GenerationSource
+
+        source = GenerationSource(source, teacher, plan.spec.generate, plan.spec.batch_size)
     info = TeacherInfo(
         vocab_size=teacher.vocab_size,
         num_layers=teacher.num_layers,
