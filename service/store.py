@@ -136,7 +136,8 @@ class JobStore:
             or meta.rows_per_shard != plan.spec.rows_per_shard
         ):
             return plan
-        return replace(plan, num_rows=meta.num_rows, seq_len=meta.seq_len)
+        # the plan's row length stays: a generate job's rows are longer than its prompts
+        return replace(plan, num_rows=meta.num_rows)
 
     def submit(self, plan: JobPlan) -> tuple[Job, bool]:
         """The live job of ``plan``'s cache (False), or a new one (True).
