@@ -11,6 +11,7 @@ from kdcache.client.cache import TeacherCache
 from kdcache.client.dataset import CacheDataset, CacheLoader, ResumeError
 from kdcache.client.ensemble import MultiCache
 from kdcache.client.layermap import HiddenProjector, LayerMap
+from kdcache.client.layerselect import LearnedLayerMap
 from kdcache.client.rest import CacheClient
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "CacheLoader",
     "HiddenProjector",
     "LayerMap",
+    "LearnedLayerMap",
     "MultiCache",
     "ResumeError",
     "TeacherCache",

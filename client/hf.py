@@ -44,6 +44,7 @@ from kdcache.client._divergences import masked_mean
 from kdcache.client._loader import CacheLoader
 from kdcache.client.dataset import CacheDataset
 from kdcache.client.layermap import HiddenProjector, LayerMap
+from kdcache.client.layerselect import LearnedLayerMap
 
 __all__ = ["DATASET_STATE_FILE", "KDConfig", "KDTrainer", "causal_lm_loss"]
 
@@ -63,7 +64,10 @@ class KDConfig:
     layer_map: (student layer, teacher layer) pairs for a hidden-state loss, or None for none;
     hidden_weight and hidden_kind (``"mse"``/``"cosine"``) weigh and choose it. The learned
     projections (student width -> teacher width) live in the model as ``kd_projector``, so DDP,
-    the optimiser and checkpoints include them.
+    the optimiser and checkpoints include them. A :class:`LearnedLayerMap` (learned layer
+    selection) is itself that module: it is added to the model, annealed by training progress
+    (``global_step / max_steps``), and each student layer's chosen teacher layer and its weight
+    are logged (``layer_<s>``, ``layer_<s>_weight``).
     Every term averages over the batch's ``loss_mask`` (all positions but each row's last when
     the cache has no mask).
     """
@@ -72,7 +76,7 @@ class KDConfig:
     alpha: float = 0.5
     divergence: str = "forward_kl"
     tail: str = "bucket"
-    layer_map: LayerMap | None = None
+    layer_map: LayerMap | LearnedLayerMap | None = None
     hidden_weight: float = 1.0
     hidden_kind: str = "mse"
 
@@ -297,13 +301,14 @@ class KDTrainer(Trainer):
         if kd.alpha > 0:
             parts["ce_loss"] = causal_lm_loss(logits, inputs["input_ids"], mask)
         if kd.uses_hidden and kd.layer_map is not None:
+            projector = getattr(self.accelerator.unwrap_model(model), PROJECTOR_NAME)
+            layer_map = kd.layer_map
+            if isinstance(projector, LearnedLayerMap):
+                if model.training:
+                    projector.anneal(self.state.global_step / max(self.state.max_steps, 1))
+                layer_map, projector = projector, None
             parts["hidden_loss"] = losses.hidden_losses(
-                outputs.hidden_states,
-                inputs,
-                kd.layer_map,
-                projector=getattr(self.accelerator.unwrap_model(model), PROJECTOR_NAME),
-                kind=kd.hidden_kind,
-                mask=mask,
+                outputs.hidden_states, inputs, layer_map, projector, kd.hidden_kind, mask
             )
         loss = (1 - kd.alpha) * parts.get("kd_loss", 0.0) + kd.alpha * parts.get("ce_loss", 0.0)
         loss = loss + kd.hidden_weight * parts.get("hidden_loss", 0.0)
@@ -321,6 +326,11 @@ class KDTrainer(Trainer):
             for name, total in self._parts.items():
                 logs[name] = round(float(total) / self._parts_n, 6)
             self._parts, self._parts_n = {}, 0
+            learned = getattr(self.accelerator.unwrap_model(self.model), PROJECTOR_NAME, None)
+            if isinstance(learned, LearnedLayerMap):
+                for s, row in learned.weights().items():
+                    chosen = max(row, key=row.__getitem__)
+                    logs[f"layer_{s}"], logs[f"layer_{s}_weight"] = chosen, round(row[chosen], 6)
         super().log(logs, *args, **kwargs)
 
 
@@ -354,6 +364,17 @@ def _attach_projector(model: nn.Module, kd: KDConfig, dataset: Any) -> None:
     """Give ``model`` a ``kd_projector`` (student width -> teacher width) unless it has one."""
     if hasattr(model, PROJECTOR_NAME) or kd.layer_map is None:
         return
+    if isinstance(kd.layer_map, LearnedLayerMap):
+        module: nn.Module = kd.layer_map
+    else:
+        module = _projector_for(model, kd.layer_map, dataset)
+    param = next(model.parameters(), None)
+    if param is not None:
+        module.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+    model.add_module(PROJECTOR_NAME, module)
+
+
+def _projector_for(model: nn.Module, layer_map: LayerMap, dataset: Any) -> HiddenProjector:
     if not isinstance(dataset, CacheDataset) or dataset.manifest.hidden_size is None:
         raise ValueError(
             f"a hidden-state loss needs the teacher's width: pass a CacheDataset with hidden "
@@ -363,8 +384,4 @@ def _attach_projector(model: nn.Module, kd: KDConfig, dataset: Any) -> None:
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if width is None:
         raise ValueError(f"cannot tell the student's width from {type(model).__name__}.config")
-    projector = HiddenProjector(kd.layer_map, int(width), dataset.manifest.hidden_size)
-    param = next(model.parameters(), None)
-    if param is not None:
-        projector.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-    model.add_module(PROJECTOR_NAME, projector)
+    return HiddenProjector(layer_map, int(width), dataset.manifest.hidden_size)

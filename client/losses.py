@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,9 @@ from kdcache.client._divergences import (
     require_choice,
 )
 from kdcache.client._sampled import TARGETS, exact_topk_terms, resolve_targets, sampled_kd_loss
+from kdcache.client.layermap import LayerMap
+from kdcache.client.layerselect import LayerChoice, LearnedLayerMap
 from kdcache.core.errors import TemperatureNotCachedError
-
-if TYPE_CHECKING:
-    from kdcache.client.layermap import LayerMap
 
 __all__ = [
     "DIVERGENCES",
@@ -349,7 +348,7 @@ def dense_kd_loss(
 
 def hidden_loss(
     student_hidden: Tensor,
-    teacher_hidden: Tensor,
+    teacher_hidden: Tensor | Mapping[int, Tensor],
     kind: str = "mse",
     projection: nn.Module | None = None,
     mask: Tensor | None = None,
@@ -361,8 +360,19 @@ def hidden_loss(
     projection: a module mapping d_s -> d_t, applied to the student first; None when d_s = d_t.
     kind: ``"mse"``, the mean squared error over positions and features, or ``"cosine"``, the
     mean over positions of 1 - cos(student, teacher). mask: (B, T) bool or None.
+
+    Learned layer selection: with a :class:`~kdcache.client.layerselect.LayerChoice` as
+    ``projection``, ``teacher_hidden`` is ``{teacher layer: (B, T, d_t)}`` for its candidates and
+    the loss is the choice's weighted mean of this loss over them.
     """
     require_choice(kind, HIDDEN_KINDS, "kind")
+    if isinstance(projection, LayerChoice):
+        return _chosen_hidden_loss(student_hidden, teacher_hidden, kind, projection, mask)
+    if not isinstance(teacher_hidden, Tensor):
+        raise TypeError(
+            "teacher_hidden must be a (B, T, d) tensor; a {layer: tensor} mapping goes with a "
+            "LayerChoice projection (learned layer selection)"
+        )
     if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
         raise ValueError(
             f"hidden states must be (B, T, d); got student {tuple(student_hidden.shape)} and "
@@ -395,36 +405,73 @@ def hidden_loss(
     return masked_mean(per_position, mask)
 
 
+def _chosen_hidden_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor | Mapping[int, Tensor],
+    kind: str,
+    choice: LayerChoice,
+    mask: Tensor | None,
+) -> Tensor:
+    """:func:`hidden_loss` against each candidate of a learned choice, weighted by it."""
+    if not isinstance(teacher_hidden, Mapping):
+        raise TypeError(
+            "with a LayerChoice, teacher_hidden must map each candidate teacher layer "
+            f"{list(choice.teacher_layers)} to its (B, T, d_t) hidden states"
+        )
+    missing = [t for t in choice.teacher_layers if t not in teacher_hidden]
+    if missing:
+        raise ValueError(
+            f"teacher_hidden lacks candidate teacher layers {missing}; it has "
+            f"{sorted(teacher_hidden)}"
+        )
+
+    def pair_loss(layer: int, projection: nn.Module) -> Tensor:
+        return hidden_loss(student_hidden, teacher_hidden[layer], kind, projection, mask)
+
+    return choice.loss(pair_loss)
+
+
 def hidden_losses(
     student_hidden_states: Sequence[Tensor],
     batch: Mapping[str, Any],
-    layer_map: LayerMap,
+    layer_map: LayerMap | LearnedLayerMap,
     projector: Projections | None = None,
     kind: str = "mse",
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Mean of :func:`hidden_loss` over the (student layer, teacher layer) pairs of a layer map.
+    """Mean of :func:`hidden_loss` over the student layers of a layer map; a scalar.
 
     student_hidden_states: the HF-style tuple of (B, T, d_s) tensors (index 0 = embeddings,
-    i = after student block i). batch: holds ``hidden_<teacher layer>`` (B, T, d_t) for each pair.
-    projector: indexable by student layer (e.g. HiddenProjector), or None.
+    i = after student block i). batch: holds ``hidden_<teacher layer>`` (B, T, d_t) for each
+    teacher layer of the map. layer_map: a :class:`LayerMap` of (student, teacher) pairs, with
+    ``projector`` indexable by student layer (e.g. HiddenProjector) or None; or a
+    :class:`~kdcache.client.layerselect.LearnedLayerMap`, which holds its own projections
+    (``projector`` stays None) and weighs every cached candidate layer by its learned choice.
     mask: (B, T) bool; None for the batch's ``loss_mask``, or all positions without one.
-    Returns a scalar.
     """
     require_choice(kind, HIDDEN_KINDS, "kind")
-    if not layer_map.pairs:
-        raise ValueError("layer_map has no (student, teacher) pairs")
     mask = _default_mask(batch, mask)
-    terms = []
-    for s, t in layer_map.pairs:
-        if s >= len(student_hidden_states):
-            raise ValueError(
-                f"layer_map pairs student layer {s} but the student returned "
-                f"{len(student_hidden_states)} hidden states (0..{len(student_hidden_states) - 1})"
-            )
-        teacher = _get(batch, f"hidden_{t}")
-        projection = None if projector is None else projector[s]
-        terms.append(
-            hidden_loss(student_hidden_states[s], teacher, kind, projection=projection, mask=mask)
+    targets: dict[int, tuple[Tensor | Mapping[int, Tensor], nn.Module | None]] = {}
+    if isinstance(layer_map, LearnedLayerMap):
+        if projector is not None:
+            raise ValueError("a LearnedLayerMap holds its own projections; pass projector=None")
+        candidates = {t: _get(batch, f"hidden_{t}") for t in layer_map.teacher_layers}
+        targets = {s: (candidates, layer_map[s]) for s in layer_map.student_layers}
+    elif not layer_map.pairs:
+        raise ValueError("layer_map has no (student, teacher) pairs")
+    n_states = len(student_hidden_states)
+    bad = [s for s in layer_map.student_layers if s >= n_states]
+    if bad:
+        raise ValueError(
+            f"layer_map has student layer {bad[0]} but the student returned {n_states} hidden "
+            f"states (0..{n_states - 1})"
         )
+    if isinstance(layer_map, LayerMap):
+        for s, t in layer_map.pairs:
+            projection = None if projector is None else projector[s]
+            targets[s] = (_get(batch, f"hidden_{t}"), projection)
+    terms = [
+        hidden_loss(student_hidden_states[s], teacher, kind, projection=projection, mask=mask)
+        for s, (teacher, projection) in targets.items()
+    ]
     return torch.stack(terms).mean()
