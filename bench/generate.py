@@ -8,13 +8,14 @@ tokens per second of:
 - ``kdcache``: :func:`kdcache.worker.generate.generate_rows`, i.e. Hugging Face ``generate``
   with its KV cache, ``--batch`` left-padded prompts at a time (greedy, then sampled);
 - ``hf batch 1``: ``generate`` on each prompt alone (no padding, no batching);
+- ``hf sampled``: ``generate``'s own batched sampling (same batches; not seeded per row);
 - ``no kv cache``: a batched greedy loop that runs the whole prefix again at every step;
 
 and, for a whole ``kdcache run`` of the job (generation, then the teacher pass over prompt +
 continuation, then the writes), its tokens per second and the share of its time generating.
 Each is timed ``--reps`` times, the best kept (a shared machine's steadier number).
 
-Usage: ``python bench/generate.py [--rows 32] [--new 64] [--batch 8] [--device cpu]``
+Usage: ``python bench/generate.py [--rows 32] [--new 64] [--batch 8] [--device cpu] [--threads N]``
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: up to 4)")
     return p.parse_args()
 
 
@@ -61,19 +63,35 @@ def best(fn: Any, reps: int, device: torch.device) -> tuple[float, Any]:
     return min(times), out
 
 
+def left_padded(prompts: np.ndarray, lengths: np.ndarray, dev: Any) -> tuple[Any, Any]:
+    """(ids, attention_mask) of prompts left-padded to the longest (pad id 1)."""
+    width = int(lengths.max())
+    ids = torch.ones((len(lengths), width), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.from_numpy(prompts[i, :n])
+        attn[i, width - n :] = 1
+    return ids.to(dev), attn.to(dev)
+
+
+def hf_sampled(model: Any, prompts: np.ndarray, lengths: np.ndarray, args: Any) -> None:
+    """HF's own batched sampling (one torch generator for the batch: not seeded per row)."""
+    for s in range(0, len(prompts), args.batch):
+        part = slice(s, s + args.batch)
+        ids, attn = left_padded(prompts[part], lengths[part], model.device)
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.8,
+                           top_p=0.95, top_k=0, max_new_tokens=args.new,
+                           min_new_tokens=args.new, pad_token_id=1)  # fmt: skip
+
+
 def no_cache_greedy(model: Any, prompts: np.ndarray, lengths: np.ndarray, args: Any) -> int:
     """Batched greedy without a KV cache: the whole (left-padded) prefix runs at every step."""
     made = 0
     dev = model.device
     for s in range(0, len(prompts), args.batch):
         lens = lengths[s : s + args.batch]
-        width = int(lens.max())
-        ids = torch.ones((len(lens), width), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, n in enumerate(lens):
-            ids[i, width - n :] = torch.from_numpy(prompts[s + i, :n])
-            attn[i, width - n :] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
+        ids, attn = left_padded(prompts[s : s + args.batch], lens, dev)
         with torch.inference_mode():
             for _ in range(args.new):
                 pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -95,7 +113,7 @@ def main() -> None:
     from kdcache.worker.runner import prepare_job, run_job
     from kdcache.worker.teachers import load_teacher
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     tmp = Path(tempfile.mkdtemp(prefix="kdcache-bench-gen-"))
     toy.make_tiny_teacher(
         tmp / "teacher",
@@ -138,6 +156,8 @@ def main() -> None:
                                pad_token_id=1)  # fmt: skip
 
     rows.append(("hf batch 1", best(one_by_one, args.reps, dev)[0]))
+    sampled_hf = best(lambda: hf_sampled(model, prompts, lengths, args), args.reps, dev)[0]
+    rows.append(("hf sampled", sampled_hf))
     rows.append(
         ("no kv cache", best(lambda: no_cache_greedy(model, prompts, lengths, args), 1, dev)[0])
     )

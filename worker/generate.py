@@ -75,7 +75,8 @@ class RowSampler:
     Returns scores that are 0 at the drawn token and -inf elsewhere, so ``generate`` run greedy
     picks exactly that token. Draws from softmax(scores / temperature) restricted to the
     smallest set of most likely tokens whose mass reaches ``top_p`` (ties by id), by inverse CDF
-    in float64 with the uniform of (row, step).
+    in float64 with the uniform of (row, step): over the ids in vocabulary order, or, with
+    ``top_p < 1``, in order of probability.
 
     uniforms: (B, M) float64, row i of the batch; ``prompt_width``: the batch's padded prompt
     length (step = current length - prompt_width).
@@ -90,15 +91,17 @@ class RowSampler:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.prompt_width
         u = self.uniforms[:, step].to(scores.device).unsqueeze(-1)  # (B, 1)
-        logp = torch.log_softmax(scores.double() / self.temperature, dim=-1)
-        p, order = torch.sort(logp.exp(), dim=-1, descending=True, stable=True)
-        cum = p.cumsum(-1)
-        p = torch.where(cum - p < self.top_p, p, torch.zeros_like(p))  # the first always kept
+        p = torch.softmax(scores.double() / self.temperature, dim=-1)
+        order = None
+        if self.top_p < 1.0:  # the nucleus needs the ids by probability; plain sampling not
+            p, order = torch.sort(p, dim=-1, descending=True, stable=True)
+            p = torch.where(p.cumsum(-1) - p < self.top_p, p, 0.0)  # the first always kept
         cdf = p.cumsum(-1)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous(), right=True)
         # right=True skips zero-mass slots: their cdf equals their predecessor's
-        pick = pick.clamp_(max=p.shape[-1] - 1)
-        token = order.gather(-1, pick)
+        token = pick.clamp_(max=p.shape[-1] - 1)
+        if order is not None:
+            token = order.gather(-1, token)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, token, 0.0)
 
