@@ -182,12 +182,18 @@ class LearnedLayerMap(nn.Module):
     def for_cache(
         cls, manifest: Any, student_layers: Sequence[int], student_dim: int, **kwargs: Any
     ) -> LearnedLayerMap:
-        """Candidates = every hidden layer the cache holds, at its width.
+        """Candidates = every hidden layer the cache holds, at the width its batches carry.
 
-        ``manifest``: a kdcache Manifest or a dict with ``hidden_layers`` and ``hidden_size``.
+        ``manifest``: a kdcache Manifest or a dict with ``hidden_layers`` and ``hidden_width``
+        (R for a ``pca:R`` cache read as codes, else the hidden size) or ``hidden_size``.
         """
-        get = manifest.get if isinstance(manifest, Mapping) else lambda k: getattr(manifest, k)
-        layers, width = get("hidden_layers"), get("hidden_size")
+
+        def get(key: str) -> Any:
+            if isinstance(manifest, Mapping):
+                return manifest.get(key)
+            return getattr(manifest, key, None)
+
+        layers, width = get("hidden_layers"), get("hidden_width") or get("hidden_size")
         if not layers or not width:
             raise ValueError("the cache holds no hidden layers to choose from")
         return cls(student_layers, list(layers), student_dim, int(width), **kwargs)

@@ -204,6 +204,8 @@ def test_bad_input_is_named() -> None:
         LearnedLayerMap.for_cache({"hidden_layers": [], "hidden_size": None}, [1], 12)
     from_cache = LearnedLayerMap.for_cache({"hidden_layers": [8, 4], "hidden_size": 16}, [1], 12)
     assert from_cache.teacher_layers == (4, 8) and from_cache.teacher_dim == 16
+    pca = {"hidden_layers": [4], "hidden_size": 64, "hidden_width": 8}  # batches carry R codes
+    assert LearnedLayerMap.for_cache(pca, [1], 12).teacher_dim == 8
 
 
 def test_kdtrainer_anneals_hardens_and_logs_the_choice(cache_dir37: str, tmp_path: Path) -> None:
