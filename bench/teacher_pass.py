@@ -253,6 +253,7 @@ def time_writes(job: PreparedJob, data: dict[str, np.ndarray], work: Path) -> fl
         start, end = m.shard_rows(shard)
         part = {k: v[start:end] for k, v in data.items()}
         part["input_ids"] = np.zeros((end - start, m.seq_len), dtype=np.int32)
+        part["loss_mask"] = np.ones((end - start, m.seq_len), dtype=bool)
         writer.commit(writer.write_shard(shard, part, writer={"bench": True}))
     return time.perf_counter() - t0
 

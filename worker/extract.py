@@ -41,6 +41,7 @@ from kdcache.worker.teachers import FusedTeacher, Teacher
 __all__ = [
     "CHUNK_BYTES",
     "CPU_CHUNK_BYTES",
+    "CPU_MIN_CHUNK_ROWS",
     "LogitOutputs",
     "check_ids",
     "chunk_arrays",
@@ -62,9 +63,21 @@ CPU_CHUNK_BYTES = 16 << 20
 _HIDDEN = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def default_t_chunk(batch: int, vocab_size: int, budget: int = CHUNK_BYTES) -> int:
-    """Positions per chunk so that (batch, t_chunk, V) float32 logits take about ``budget``."""
-    return max(1, budget // (4 * max(1, batch) * max(1, vocab_size)))
+CPU_MIN_CHUNK_ROWS = 128
+"""On a CPU, at least this many rows (B x t_chunk) per chunk, above the byte budget if need be:
+the fused head reads its whole (V, d) weight once per chunk, so short chunks are bound by that
+read. At V=131072, d=64, B=8 (extraction alone): 81 tokens/s at 32 rows (16 MiB chunks), 130 at
+128 rows (64 MiB), 150 at 256 rows (128 MiB: the pass's peak then reaches 25% of one batch's
+float32 logits, bench/teacher_pass.py's bound), 85 for the unfused path."""
+
+
+def default_t_chunk(
+    batch: int, vocab_size: int, budget: int = CHUNK_BYTES, min_rows: int = 0
+) -> int:
+    """Positions per chunk so that (batch, t_chunk, V) float32 logits take about ``budget``,
+    and batch x t_chunk is at least ``min_rows``."""
+    b = max(1, batch)
+    return max(1, budget // (4 * b * max(1, vocab_size)), -(-min_rows // b))
 
 
 def check_ids(ids: np.ndarray, vocab_size: int, row_offset: int = 0) -> None:
@@ -124,8 +137,32 @@ class LogitOutputs:
         return torch.from_numpy(row_uniforms(self.sample_seed, rows, t, self.sample_draws))
 
 
+def _log_sums(s: torch.Tensor, temps: Sequence[float], in_place: bool) -> dict[float, torch.Tensor]:
+    """log sum_v exp(s_v / t) (B, t) for each temperature, from shifted logits s <= 0 (B, t, V).
+
+    t=1 is one exp; t=2 takes the square root of those exps instead of a second exp (exact but
+    for terms below e^-87 of the largest, which float32 cannot add to it anyway); others use a
+    buffer of their own. ``in_place`` lets the exps overwrite ``s``.
+    """
+    out: dict[float, torch.Tensor] = {}
+    buf: torch.Tensor | None = None
+    for t in dict.fromkeys(temps):
+        if t not in (1.0, 2.0):
+            buf = torch.mul(s, 1.0 / t, out=buf) if buf is not None else s * (1.0 / t)
+            out[t] = buf.exp_().sum(dim=-1).log_()
+    e = s.exp_() if in_place else torch.exp(s, out=buf) if buf is not None else s.exp()
+    out[1.0] = e.sum(dim=-1).log_()
+    if 2.0 in temps:
+        out[2.0] = e.sqrt_().sum(dim=-1).log_()
+    return out
+
+
 def chunk_arrays(
-    z: torch.Tensor, want: LogitOutputs, uniforms: torch.Tensor | None = None
+    z: torch.Tensor,
+    want: LogitOutputs,
+    uniforms: torch.Tensor | None = None,
+    *,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The cache arrays of one chunk of positions, from its logits; everything stays on z's device.
 
@@ -134,23 +171,24 @@ def chunk_arrays(
     index dtype on the host) and ``topk/logsumexp`` (B, t, n_temps) float32 when ``want.topk``;
     with ``uniforms`` (B, t, N) float64 also ``sample/indices`` (B, t, m) int32,
     ``sample/counts`` (B, t, m) int32 and ``sample/logprobs`` (B, t, m) float16.
+    ``consume``: z is the caller's to lose; without draws the math then runs in it, with no
+    (B, t, V) buffer of its own (each pass over V is as long as the head's product on a CPU).
     """
     temps = want.temperatures
-    # One max and one (B, t, V) buffer serve every temperature: lse_t = m/t + log sum exp((z-m)/t)
+    # lse_t = m/t + log sum exp((z - m)/t): one max serves every temperature
     m = z.amax(dim=-1, keepdim=True)
-    shifted = z - m
-    buf = torch.empty_like(z)
-    lses = []
-    for t in temps if 1.0 in temps else (*temps, 1.0):
-        torch.mul(shifted, 1.0 / t, out=buf) if t != 1.0 else buf.copy_(shifted)
-        lses.append(buf.exp_().sum(dim=-1).log_().add_(m.squeeze(-1), alpha=1.0 / t))
-    lse1 = lses[temps.index(1.0)] if 1.0 in temps else lses.pop()
+    in_place = consume and uniforms is None
+    s = z.sub_(m) if in_place else z - m
     out: dict[str, torch.Tensor] = {}
+    if want.topk:  # the order of z - m is the order of z
+        vals, idx = torch.topk(s, want.topk, dim=-1, sorted=True)
+    log_sums = _log_sums(s, temps, in_place)
+    m1 = m.squeeze(-1)
+    lse1 = log_sums[1.0] + m1
     if want.topk:
-        vals, idx = torch.topk(z, want.topk, dim=-1, sorted=True)
-        out[ARRAY_LOGPROBS] = (vals - lse1.unsqueeze(-1)).to(torch.float16)
+        out[ARRAY_LOGPROBS] = (vals - log_sums[1.0].unsqueeze(-1)).to(torch.float16)
         out[ARRAY_INDICES] = idx.to(torch.int32)
-        out[ARRAY_LOGSUMEXP] = torch.stack(lses, dim=-1)
+        out[ARRAY_LOGSUMEXP] = torch.stack([log_sums[t] + m1 / t for t in temps], dim=-1)
     if uniforms is not None:
         width = min(want.sample_draws, z.shape[-1])
         ids, counts, logprobs = sample_chunk(z, lse1, uniforms.to(z.device), width)
@@ -240,6 +278,7 @@ def _launch(
                 f"expected {(b, t)} + (d,)"
             )
         logits_of = lambda t0, t1: head(features[:, t0:t1])  # noqa: E731
+        owned = True  # each chunk's logits are a fresh tensor: the math may run in it
     else:
         out = teacher.forward(x, list(layers))
         logits, hidden, device = out.logits, out.hidden, out.logits.device
@@ -249,15 +288,25 @@ def _launch(
                 f"expected {(b, t, v)}"
             )
         logits_of = lambda t0, t1: logits[:, t0:t1].float()  # noqa: E731
+        owned = logits.dtype != torch.float32  # else the chunks are views of the model's output
     land = _Landing(b, t)
     with torch.inference_mode():
         if want.topk or want.sample_draws:
-            budget = CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
-            step = t_chunk if t_chunk is not None and t_chunk > 0 else default_t_chunk(b, v, budget)
+            cpu = device.type == "cpu"
+            step = (
+                t_chunk
+                if t_chunk is not None and t_chunk > 0
+                else default_t_chunk(
+                    b,
+                    v,
+                    CPU_CHUNK_BYTES if cpu else CHUNK_BYTES,
+                    CPU_MIN_CHUNK_ROWS if cpu else 0,
+                )
+            )
             uniforms = want.uniforms(row_offset, b, t)
             for t0, z in _logit_chunks(t, step, logits_of):
                 u = None if uniforms is None else uniforms[:, t0 : t0 + z.shape[1]]
-                for name, part in chunk_arrays(z, want, u).items():
+                for name, part in chunk_arrays(z, want, u, consume=owned).items():
                     land.put(name, t0, part)
         for layer in layers:
             land.put(hidden_array(layer), 0, _hidden_on_device(hidden[layer], hidden_dtype))

@@ -122,6 +122,11 @@ def test_default_t_chunk_bounds_float32_logits() -> None:
     t = default_t_chunk(8, 128_000)
     assert 8 * t * 128_000 * 4 <= 256 << 20 < 8 * (t + 1) * 128_000 * 4
     assert default_t_chunk(1024, 1 << 20) == 1
+    # a row minimum lifts chunks that the byte budget alone makes too short for the head
+    assert default_t_chunk(8, 131_072, 16 << 20) == 4
+    assert default_t_chunk(8, 131_072, 16 << 20, min_rows=128) == 16
+    assert default_t_chunk(8, 8192, 16 << 20, min_rows=128) == 64  # the budget already gives more
+    assert default_t_chunk(3, 131_072, 16 << 20, min_rows=128) == 43
 
 
 def test_index_dtype_choice() -> None:
