@@ -2,11 +2,18 @@
 
 Builds a cache of a tiny random teacher (``kdcache.worker.toy``) through the service (submit, then
 an in-process worker), then reads every row with ``--readers`` concurrent threads, each with its
-own ``TeacherCache`` over ``http://127.0.0.1:PORT/v1/caches/<id>`` and over the local directory,
-``--batch`` rows per read, all fields. Prints MB/s (decoded, stored dtypes) and tokens/s of each,
-and the ratio HTTP / local. The best of ``--rounds`` rounds counts.
+own reader, ``--batch`` rows per read, all fields, three ways, side by side in one run:
 
-    python bench/serve.py                       # ~30 s on 2 cores
+- ``local``: ``TeacherCache`` over the cache directory;
+- ``http-old``: the former HTTP reader (zarr's FsspecStore over fsspec/aiohttp: one Range request
+  per shard index and per inner chunk, each key checked with a HEAD);
+- ``http``: ``TeacherCache("http://.../v1/caches/<id>")`` (kept-alive httpx pool; per batch one
+  ``POST .../ranges`` for the shard indexes it has not seen and one for every chunk it needs).
+
+Prints MB/s (decoded, stored dtypes), tokens/s, HTTP requests per batch (the service's
+``/metrics`` counts), and the ratios HTTP / local. The best of ``--rounds`` rounds counts.
+
+    python bench/serve.py                       # ~1 min on 2 shared cores
     python bench/serve.py --rows 2048 --readers 8 --batch 32
 """
 
@@ -92,6 +99,46 @@ def _build_cache(url: str, work: Path, args: argparse.Namespace) -> dict[str, An
     return job
 
 
+class _FsspecCache:
+    """The former HTTP reader: zarr's FsspecStore over fsspec's HTTP file system (aiohttp),
+    each shard index and inner chunk its own Range request, completion from the service."""
+
+    def __init__(self, base: str, cache_id: str) -> None:
+        from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
+        from kdcache.client._remote import RemoteStorage
+        from kdcache.client.cache import _attach_optional
+        from kdcache.core.reader import CacheReader
+        from kdcache.core.shards import ShardRecord
+        from kdcache.core.storage import FsspecStorage
+
+        detail = httpx.get(f"{base}/v1/caches/{cache_id}", timeout=30).json()
+        records = {int(r["shard"]): ShardRecord.from_dict(r) for r in detail["completed"]}
+        storage = FsspecStorage(f"{base}/v1/caches/{cache_id}/store")
+        self.reader = _attach_optional(
+            CacheReader(storage.url, storage=RemoteStorage(storage), completed=lambda: records)
+        )
+        self._fields = (expand_fields, stored_arrays, to_tensors)
+
+    def batch(self, rows: Any) -> dict[str, torch.Tensor]:
+        expand_fields, stored_arrays, to_tensors = self._fields
+        m = self.reader.manifest
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        keys = expand_fields(m, None)
+        names = stored_arrays(keys, self.reader.arrays)
+        raw = {f: self.reader.read(name, idx) for f, name in names.items()}
+        return dict(to_tensors(m, idx, raw, keys))
+
+
+def _served_requests(url: str) -> int:
+    """Requests the service answered on the store and ranges routes (its /metrics)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("kdcache_request_seconds_count") and "/v1/caches/{cache_id}/" in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
 def _read_all(open_cache: Callable[[], Any], rows: int, readers: int, batch: int) -> float:
     """Seconds for ``readers`` threads to read every row once, ``batch`` rows per read."""
     batches = [np.arange(s, min(rows, s + batch)) for s in range(0, rows, batch)]
@@ -149,15 +196,23 @@ def main(argv: list[str] | None = None) -> int:
             m.num_rows * math.prod(a.row_shape) * np.dtype(a.dtype).itemsize for a in m.arrays()
         )
         tokens = m.num_rows * m.seq_len
+        old = _FsspecCache(url, job["cache_id"])
+        if not all(torch.equal(old.batch(check)[k], want[k]) for k in want):
+            raise SystemExit("the former HTTP reader and local reads differ")
         sources = {
             "local": lambda: TeacherCache(local_dir),
+            "http-old": lambda: _FsspecCache(url, job["cache_id"]),
             "http": lambda: TeacherCache(remote_url),
         }
         best = dict.fromkeys(sources, math.inf)
+        requests = dict.fromkeys(sources, 0)
         for _ in range(args.rounds):
             for name, open_cache in sources.items():
+                before = _served_requests(url)
                 secs = _read_all(open_cache, m.num_rows, args.readers, args.batch)
+                requests[name] = _served_requests(url) - before
                 best[name] = min(best[name], secs)
+        batches = math.ceil(m.num_rows / args.batch)
         print(
             f"cache: {m.num_rows} rows x {m.seq_len} tokens, top-{m.topk}, layers "
             f"{m.hidden_layers} (d={m.hidden_size}), {nbytes / 1e6:.1f} MB decoded; "
@@ -165,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name, secs in best.items():
             print(
-                f"{name:>6}: {secs:6.2f} s  {nbytes / 1e6 / secs:8.1f} MB/s  "
-                f"{tokens / secs:12,.0f} tokens/s"
+                f"{name:>8}: {secs:6.2f} s  {nbytes / 1e6 / secs:8.1f} MB/s  "
+                f"{tokens / secs:12,.0f} tokens/s  {requests[name] / batches:6.1f} requests/batch"
             )
-        print(f" ratio: http/local = {best['local'] / best['http']:.2f} (throughput)")
+        for name in ("http-old", "http"):
+            print(f" ratio: {name}/local = {best['local'] / best[name]:.2f} (throughput)")
+        print(f" ratio: http/http-old = {best['http-old'] / best['http']:.2f} (throughput)")
     finally:
         proc.terminate()
         try:

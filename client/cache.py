@@ -1,8 +1,9 @@
 """TeacherCache: random access to a cache's rows as torch tensors.
 
 The source is a local directory, an ``s3://`` URL (fsspec), or an ``http(s)://`` URL of a cache
-served by the kdcache service (``http://host:port/v1/caches/<id>``). Over HTTP the arrays are read
-through the service's raw Zarr keys with Range requests and completion comes from the service.
+served by the kdcache service (``http://host:port/v1/caches/<id>``). Over HTTP completion comes from
+the service, and the chunks a batch needs are fetched in one or few requests over kept-alive
+connections (:mod:`kdcache.client._service`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import numpy as np
 import torch
 
 from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
-from kdcache.client._remote import RemoteStorage
+from kdcache.client._remote import RemoteStorage, policy
+from kdcache.client._service import ServiceStorage, prefetch_rows
 from kdcache.core.errors import CacheNotFoundError, KDCacheError, NotFound
 from kdcache.core.format import ARRAY_LOSS_MASK, Manifest
 from kdcache.core.hidden_basis import Basis, read_basis, read_basis_record
 from kdcache.core.reader import CacheReader
 from kdcache.core.rest import ServiceLink
 from kdcache.core.shards import ShardRecord
-from kdcache.core.storage import FsspecStorage, Storage, is_remote, open_storage
+from kdcache.core.storage import Storage, is_remote, open_storage
 
 __all__ = ["TeacherCache", "hidden_bases", "open_reader"]
 
@@ -33,12 +35,11 @@ _OPTIONAL_ARRAYS = (ARRAY_LOSS_MASK,)
 _SERVICE_CACHE = re.compile(r"^(https?://.+?)/v1/caches/([0-9a-fA-F]+)/?$")
 
 
-def _service_completed(base: str, cache_id: str, token: str | None) -> Mapping[int, ShardRecord]:
+def _service_completed(link: ServiceLink, cache_id: str) -> Mapping[int, ShardRecord]:
     try:
-        with ServiceLink(base, token) as link:
-            body = link.get(f"/v1/caches/{cache_id}").json()
+        body = link.get(f"/v1/caches/{cache_id}").json()
     except NotFound:
-        raise CacheNotFoundError(f"the service at {base} has no cache {cache_id}") from None
+        raise CacheNotFoundError(f"the service at {link.server} has no cache {cache_id}") from None
     return {int(r["shard"]): ShardRecord.from_dict(r) for r in body.get("completed", [])}
 
 
@@ -73,14 +74,11 @@ def open_reader(
         return _attach_optional(CacheReader(src, storage=wrap(open_storage(src, storage_options))))
     base, cache_id = m.group(1), m.group(2)
     token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    opts = dict(storage_options or {})
-    opts.setdefault("client_kwargs", {}).setdefault("headers", {}).update(headers)
-    storage = FsspecStorage(f"{base}/v1/caches/{cache_id}/store", opts)
+    storage = ServiceStorage(base, cache_id, token, retry=policy(3, 0.2))
     reader = CacheReader(
         storage.url,
-        storage=wrap(storage),
-        completed=lambda: _service_completed(base, cache_id, token),
+        storage=wrap_storage(storage) if wrap_storage is not None else storage,
+        completed=lambda: _service_completed(storage.link, cache_id),
     )
     return _attach_optional(reader)
 
@@ -164,6 +162,7 @@ class TeacherCache:
         keys = expand_fields(self.manifest, fields)
         idx = np.asarray(rows, dtype=np.int64)
         names = stored_arrays(keys, self.reader.arrays)
+        prefetch_rows(self.reader, names.values(), idx)  # over HTTP: one or few requests
         return {f: self.reader.read(name, idx) for f, name in names.items()}
 
     def batch(

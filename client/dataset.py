@@ -40,6 +40,7 @@ from kdcache.client._remote import (
     shard_object_keys,
 )
 from kdcache.client._resume import DatasetState, ResumeError, resume_point
+from kdcache.client._service import prefetch_rows
 from kdcache.client._validate import check_expectations
 from kdcache.client.cache import hidden_bases, open_reader
 from kdcache.client.ensemble import (
@@ -404,6 +405,8 @@ class CacheDataset(IterableDataset[Sample]):
     def _read_rows(opened: _Opened, rows: np.ndarray) -> RowBlock:
         remote, blocks = opened.remote, opened.blocks
         if remote is None or remote.cache is None:
+            names = [a.path for a in blocks.arrays.values()]
+            prefetch_rows(opened.reader, names, rows)  # served caches: one or few requests
             return blocks.read(rows)
         shards = np.unique(rows // blocks.manifest.rows_per_shard).tolist()
         keys = shard_object_keys(list(blocks.arrays.values()), shards)

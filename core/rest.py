@@ -48,6 +48,7 @@ class ServiceLink:
 
     Transient failures (no answer, 408, 429, 5xx but 507) are retried under ``retry``;
     ``interrupt`` (``threading.Event`` s) cut the retrying short, e.g. a worker told to abort.
+    Connections are kept alive and reused (one pool per process, safe after ``fork``).
     """
 
     def __init__(
@@ -63,12 +64,25 @@ class ServiceLink:
         self.token = token
         self.retry = retry if retry is not None else RetryPolicy()
         self.interrupt = tuple(interrupt)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._pid = os.getpid()
+        self.http = self._client()
+
+    def _client(self) -> httpx.Client:
+        # One keep-alive pool per process, shared by its threads (httpx.Client is thread-safe).
+        return httpx.Client(base_url=self.server, headers=self._headers, timeout=self._timeout)
+
+    def _pool(self) -> httpx.Client:
+        """This process's client: a forked child (DataLoader worker) must not write into its
+        parent's sockets, so it opens its own pool and leaves the parent's alone."""
+        if os.getpid() != self._pid:
+            self._pid, self.http = os.getpid(), self._client()
+        return self.http
 
     def _once(self, method: str, path: str, kw: dict[str, Any]) -> httpx.Response:
         try:
-            resp = self.http.request(method, path, **kw)
+            resp = self._pool().request(method, path, **kw)
         except httpx.TransportError as err:
             raise Unreachable(
                 f"{method} {path}: cannot reach {self.server}: {type(err).__name__}: {err}"

@@ -43,7 +43,12 @@ __all__ = [
     "LeasePlan",
     "LeaseRequest",
     "PreparedIn",
+    "MAX_RANGE_READS",
+    "MAX_RANGE_READ_BYTES",
+    "RANGE_LENGTHS_HEADER",
     "Problem",
+    "RangeRead",
+    "RangeReadRequest",
     "ShardRecord",
 ]
 
@@ -215,6 +220,37 @@ class CacheDetail(_Out):
     shards_done: int
     complete: bool
     completed: list[dict[str, Any]] = Field(description="completion records, by shard")
+
+
+MAX_RANGE_READS = 4096
+MAX_RANGE_READ_BYTES = 256 << 20
+RANGE_LENGTHS_HEADER = "X-Kdcache-Lengths"
+
+
+class RangeRead(_In):
+    """Bytes of one store key: ``[start, end)``, the last ``suffix`` bytes, or (neither) all."""
+
+    key: str = Field(min_length=1, max_length=512)
+    start: int | None = Field(None, ge=0)
+    end: int | None = Field(None, ge=1, description="exclusive; at most the object's size")
+    suffix: int | None = Field(None, ge=1, description="the last n bytes (all of a shorter one)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RangeRead:
+        if self.suffix is not None and (self.start is not None or self.end is not None):
+            raise ValueError("give 'start' and 'end', or 'suffix', not both")
+        if (self.start is None) != (self.end is None):
+            raise ValueError("'start' and 'end' go together")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError("'end' must be greater than 'start'")
+        return self
+
+
+class RangeReadRequest(_In):
+    """``POST /v1/caches/{id}/ranges``: many byte ranges of many keys in one request; the
+    answer's body is the parts in this order, their lengths in ``X-Kdcache-Lengths``."""
+
+    ranges: list[RangeRead] = Field(min_length=1, max_length=MAX_RANGE_READS)
 
 
 class Health(_Out):

@@ -10,6 +10,7 @@ A ``pca:R`` cache's basis (``hidden_pca/...`` and its record) is served with sha
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 import threading
@@ -24,9 +25,18 @@ from kdcache.core.hidden_basis import BASIS_RECORD_KEY
 from kdcache.core.layout import CACHES_DIR, RECORDS_PREFIX, parse_chunk_key, parse_record_key
 from kdcache.core.storage import is_remote
 
-__all__ = ["BLOCK_BYTES", "CacheFiles", "FileStat", "KeyKind", "classify_key", "valid_cache_id"]
+__all__ = [
+    "BLOCK_BYTES",
+    "CacheFiles",
+    "FileStat",
+    "KeyKind",
+    "KeyDims",
+    "classify_key",
+    "key_dims",
+    "valid_cache_id",
+]
 
-BLOCK_BYTES = 256 << 10
+BLOCK_BYTES = 1 << 20
 MAX_KEY_CHARS = 512
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _CACHE_ID = re.compile(r"^[0-9a-f]{1,64}$")
@@ -45,8 +55,11 @@ class KeyKind:
     shard: int | None = None
 
 
-def classify_key(key: str, manifest: dict[str, Any] | None) -> KeyKind | None:
-    """The kind of ``key``, or None when it is never served."""
+def classify_key(
+    key: str, manifest: dict[str, Any] | None, dims: KeyDims | None = None
+) -> KeyKind | None:
+    """The kind of ``key``, or None when it is never served (``dims``: the manifest's
+    :func:`key_dims`, when the caller has them)."""
     if not key or len(key) > MAX_KEY_CHARS:
         return None
     parts = key.split("/")
@@ -59,27 +72,51 @@ def classify_key(key: str, manifest: dict[str, Any] | None) -> KeyKind | None:
         return KeyKind("record", shard) if shard is not None else None
     if manifest is None:
         return None
-    try:
-        m = Manifest.from_dict(manifest)
-    except CacheFormatError:
+    dims = dims if dims is not None else key_dims(manifest)
+    if dims is None:
         return None
-    if key == BASIS_RECORD_KEY or parse_chunk_key(key, {n: len(s) for n, s in m.basis_arrays()}):
+    if key == BASIS_RECORD_KEY or parse_chunk_key(key, dims.basis):
         return KeyKind("chunk", 0)  # a pca basis: fitted on the first rows, served with shard 0
-    found = parse_chunk_key(key, {a.name: 1 + len(a.row_shape) for a in m.arrays()})
+    found = parse_chunk_key(key, dims.arrays)
     return KeyKind("chunk", found[1]) if found is not None else None
 
 
 @dataclass(frozen=True)
+class KeyDims:
+    """Dimensions of a manifest's arrays and of its hidden-state bases, by name."""
+
+    arrays: dict[str, int]
+    basis: dict[str, int]
+
+
+def key_dims(manifest: dict[str, Any] | None) -> KeyDims | None:
+    """The :class:`KeyDims` of a manifest; None when there is none or it is malformed."""
+    if manifest is None:
+        return None
+    try:
+        m = Manifest.from_dict(manifest)
+    except CacheFormatError:
+        return None
+    return KeyDims(
+        {a.name: 1 + len(a.row_shape) for a in m.arrays()},
+        {n: len(s) for n, s in m.basis_arrays()},
+    )
+
+
+@dataclass(frozen=True)
 class FileStat:
-    """Size, modification time and entity tag of one stored object."""
+    """Size, modification time and entity tag of one stored object (``path``: where a local
+    one was found, so a read after the stat need not resolve it again)."""
 
     size: int
     mtime: float
     etag: str
+    path: str = ""
 
 
 class _Backend(Protocol):
     def stat(self, rel: str) -> FileStat | None: ...
+    def read(self, rel: str, start: int, length: int, st: FileStat | None = None) -> bytes: ...
     def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]: ...
 
 
@@ -97,11 +134,14 @@ def _read_blocks(f: Any, start: int, length: int) -> Iterator[bytes]:
 class _LocalBackend:
     def __init__(self, root: str) -> None:
         self.base = Path(root) / CACHES_DIR
+        self._resolved: Path | None = None
 
     def _path(self, rel: str) -> Path | None:
         try:
             path = (self.base / rel).resolve()
-            base = self.base.resolve()
+            if self._resolved is None and self.base.is_dir():
+                self._resolved = self.base.resolve()
+            base = self._resolved or self.base.resolve()
         except (OSError, RuntimeError, ValueError):  # e.g. a symlink loop
             return None
         # Defence in depth: the key rules already forbid '..'; symlinks must not lead out either.
@@ -117,7 +157,18 @@ class _LocalBackend:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        return FileStat(st.st_size, st.st_mtime, f'"{st.st_size:x}-{st.st_mtime_ns:x}"')
+        tag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+        return FileStat(st.st_size, st.st_mtime, tag, str(path))
+
+    def read(self, rel: str, start: int, length: int, st: FileStat | None = None) -> bytes:
+        path = st.path if st is not None and st.path else self._path(rel)
+        if path is None:
+            raise FileNotFoundError(rel)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
 
     def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]:
         path = self._path(rel)
@@ -147,6 +198,10 @@ class _FsspecBackend:
         tag = str(info.get("ETag") or "").strip('"') or f"{size:x}-{int(mtime * 1e9):x}"
         return FileStat(size, mtime, f'"{tag}"')
 
+    def read(self, rel: str, start: int, length: int, st: FileStat | None = None) -> bytes:
+        data: bytes = self.fs.cat_file(f"{self.base}/{rel}", start=start, end=start + length)
+        return data
+
     def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]:
         with self.fs.open(f"{self.base}/{rel}", "rb") as f:
             yield from _read_blocks(f, start, length)
@@ -170,6 +225,13 @@ class CacheFiles:
     def blocks(self, cache_id: str, key: str, start: int, length: int) -> Iterator[bytes]:
         """``length`` bytes from ``start``, in blocks of at most :data:`BLOCK_BYTES`."""
         return self._backend.blocks(f"{cache_id}/{key}", start, length)
+
+    def read(
+        self, cache_id: str, key: str, start: int, length: int, st: FileStat | None = None
+    ) -> bytes:
+        """``length`` bytes from ``start`` in one read (fewer when the object is shorter);
+        ``st``: the object's :meth:`stat`, which saves finding it again."""
+        return self._backend.read(f"{cache_id}/{key}", start, length, st)
 
     def manifest(self, cache_id: str) -> dict[str, Any] | None:
         """The kdcache manifest in the cache group's attributes; None before it exists.

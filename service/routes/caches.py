@@ -7,12 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 
 from kdcache.core.errors import NotFound
-from kdcache.core.wire import CacheDetail, CacheList
+from kdcache.core.wire import RANGE_LENGTHS_HEADER, CacheDetail, CacheList, RangeReadRequest
 from kdcache.service.auth import ReadAuth
 from kdcache.service.deps import FilesDep, StoreDep
 from kdcache.service.files import valid_cache_id
 from kdcache.service.routes._common import error_responses
-from kdcache.service.serve import store_response
+from kdcache.service.serve import ranges_response, store_response
 
 __all__ = ["router"]
 
@@ -37,7 +37,10 @@ def get_cache(cache_id: str, store: StoreDep, files: FilesDep) -> CacheDetail:
 
 _STORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the whole object", **_RAW},
-    206: {"description": "the requested byte range", **_RAW},
+    206: {
+        "description": "the requested byte range; several as multipart/byteranges",
+        **_RAW,
+    },
     304: {"description": "not modified (If-None-Match)"},
     **error_responses(401, 403, 404, 416),
 }
@@ -67,8 +70,8 @@ def get_store_key(
 ) -> Response:
     """Raw bytes of a Zarr key: metadata always, chunks and records of completed shards only.
 
-    Single byte ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) give 206; several ranges
-    give the whole object; ranges that select nothing give 416.
+    Byte ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) give 206, several of them
+    ``multipart/byteranges``; ranges that select nothing give 416.
     """
     return store_response(
         files,
@@ -80,3 +83,21 @@ def get_store_key(
         if_none_match=if_none_match,
         if_range=if_range,
     )
+
+
+@router.post(
+    "/{cache_id}/ranges",
+    response_class=Response,
+    responses={
+        200: {
+            "description": f"the parts, concatenated in order; lengths in {RANGE_LENGTHS_HEADER}",
+            **_RAW,
+        },
+        **error_responses(401, 403, 404, 416, 422),
+    },
+)
+def read_ranges(
+    cache_id: str, body: RangeReadRequest, store: StoreDep, files: FilesDep
+) -> Response:
+    """Many byte ranges of many keys in one request (what ``kdcache.client`` reads with)."""
+    return ranges_response(files, store, cache_id, body)

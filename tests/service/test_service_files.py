@@ -11,6 +11,7 @@ from typing import Any
 import fsspec
 import pytest
 
+import kdcache.service.files as files_module
 from kdcache.service.files import CacheFiles, KeyKind, classify_key, valid_cache_id
 
 MANIFEST: dict[str, Any] = {
@@ -83,7 +84,11 @@ def _write_cache(base: str, write: Any) -> None:
     write(f"{base}/caches/ab/input_ids/c/0/0", "0123456789" * 30_000)
 
 
-def test_local_files_stat_blocks_manifest_and_symlink_escape(tmp_path: Path) -> None:
+def test_local_files_stat_blocks_manifest_and_symlink_escape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(files_module, "BLOCK_BYTES", 64 << 10)
+
     def write(path: str, text: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
@@ -95,8 +100,11 @@ def test_local_files_stat_blocks_manifest_and_symlink_escape(tmp_path: Path) -> 
     st = files.stat("ab", "input_ids/c/0/0")
     assert st is not None and st.size == 300_000
     blocks = list(files.blocks("ab", "input_ids/c/0/0", 5, 290_000))
-    assert len(blocks) > 1 and max(len(b) for b in blocks) <= 256 << 10  # streamed in blocks
+    assert len(blocks) > 1 and max(len(b) for b in blocks) <= 64 << 10  # streamed in blocks
     assert b"".join(blocks) == ("0123456789" * 30_000).encode()[5:290_005]
+    whole = ("0123456789" * 30_000).encode()
+    assert files.read("ab", "input_ids/c/0/0", 7, 200_000, st) == whole[7:200_007]  # one pread
+    assert files.read("ab", "input_ids/c/0/0", 299_990, 100) == whole[299_990:]  # short at the end
     assert files.manifest("ab") == MANIFEST
     assert files.stat("ab", "input_ids/c/0/1") is None  # a symlink out of the root
     assert files.stat("ab", "input_ids/c/0") is None  # a directory
