@@ -11,7 +11,9 @@ own reader, ``--batch`` rows per read, all fields, three ways, side by side in o
   ``POST .../ranges`` for the shard indexes it has not seen and one for every chunk it needs).
 
 Prints MB/s (decoded, stored dtypes), tokens/s, HTTP requests per batch (the service's
-``/metrics`` counts), and the ratios HTTP / local. The best of ``--rounds`` rounds counts.
+``/metrics`` counts), CPU seconds of this process and the service together (less sensitive to
+a loaded machine than wall time), and the ratios HTTP / local. The best of ``--rounds`` rounds
+counts; the sources take turns within each round.
 
     python bench/serve.py                       # ~1 min on 2 shared cores
     python bench/serve.py --rows 2048 --readers 8 --batch 32
@@ -129,6 +131,15 @@ class _FsspecCache:
         return dict(to_tensors(m, idx, raw, keys))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _served_requests(url: str) -> int:
     """Requests the service answered on the store and ranges routes (its /metrics)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -206,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         best = dict.fromkeys(sources, math.inf)
         requests = dict.fromkeys(sources, 0)
+        cpu = dict.fromkeys(sources, math.inf)
         for _ in range(args.rounds):
             for name, open_cache in sources.items():
                 before = _served_requests(url)
+                cpu0 = time.process_time() + _cpu_seconds(proc.pid)
                 secs = _read_all(open_cache, m.num_rows, args.readers, args.batch)
+                cpu[name] = min(cpu[name], time.process_time() + _cpu_seconds(proc.pid) - cpu0)
                 requests[name] = _served_requests(url) - before
                 best[name] = min(best[name], secs)
         batches = math.ceil(m.num_rows / args.batch)
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:>8}: {secs:6.2f} s  {nbytes / 1e6 / secs:8.1f} MB/s  "
                 f"{tokens / secs:12,.0f} tokens/s  {requests[name] / batches:6.1f} requests/batch"
+                f"  {cpu[name]:6.2f} CPU-s (reader + service)"
             )
         for name in ("http-old", "http"):
             print(f" ratio: {name}/local = {best['local'] / best[name]:.2f} (throughput)")
