@@ -60,3 +60,14 @@ def s3_server() -> Iterator[dict[str, Any]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matmuls: one torch thread runs several times faster than two on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

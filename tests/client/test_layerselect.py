@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,7 @@ from kdcache.client.layerselect import LayerChoice
 
 B, T, D_T = 8, 32, 8
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is several times faster than two on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _synthetic(seed: int = 0) -> tuple[dict[str, Tensor], list[Tensor]]:
@@ -210,19 +202,14 @@ def test_bad_input_is_named() -> None:
 
 def test_kdtrainer_anneals_hardens_and_logs_the_choice(cache_dir37: str, tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+    from test_hf import student  # a 2-block Llama of width 16, seeded
+    from transformers import TrainingArguments
 
     from kdcache.client.hf import KDConfig, KDTrainer
 
     ds = CacheDataset(cache_dir37, fields=["input_ids", "topk", "hidden_1", "hidden_2"], seed=0)
     learned = LearnedLayerMap.for_cache(ds.manifest, [1, 2], 16, anneal_to=0.1, harden_at=0.5)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=ds.manifest.vocab_size, hidden_size=16, intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        max_position_embeddings=ds.manifest.seq_len,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = student(ds.manifest.vocab_size)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=6,
                              per_device_train_batch_size=4, logging_steps=1, save_strategy="no",
                              learning_rate=1e-2, disable_tqdm=True)  # fmt: skip
