@@ -3,16 +3,24 @@
     python bench/stream.py                       # local, HTTP (service) and S3 (moto)
     python bench/stream.py --sources local --rows 2048 --workdir /data/bench
 
-Builds (once, under --workdir) a cache from a random-init teacher, then measures, on the same
-stored bytes of the fields read:
+Builds (once, under --workdir) a cache from a random-init teacher with today's writer, and a copy
+of it recoded with the settings of before issue 10 ("old": zstd level 3 everywhere, inner chunks
+of up to 1 MiB of rows; "new": zstd level 1 for hidden states, ids and masks, at most 64 KiB of
+rows per chunk so a reader decodes only the rows it wants). For each, on the same stored bytes of
+the fields read, it measures side by side:
 
 - raw read: every shard file read like ``cat`` (8 MiB reads; hot page cache after the first pass);
-- decode only: every stored chunk decompressed from memory (Blosc, ``--threads`` threads), no I/O;
-- CacheDataset: one shuffled epoch, rows handed to the caller, for each source.
+- decode only: every stored chunk decompressed from memory (Blosc, ``--threads`` threads), no
+  I/O; "+ crc" also checks each chunk's CRC-32C, the rest of the stored codec chain;
+- CacheDataset: one shuffled epoch, rows handed to the caller; and through ``ds.loader()`` with
+  0 and 2 DataLoader workers (batches collated as training gets them);
+- for the new cache only: the HTTP service and S3 (moto).
 
-MB/s are stored (compressed) bytes per second, so the three compare directly; "tensor MB/s" is
+MB/s are stored (compressed) bytes per second, so the rows compare directly; "tensor MB/s" is
 what the caller receives. HTTP runs the kdcache service under uvicorn and S3 runs moto, both in
 this process, so they compete with the client for the interpreter: read those as lower bounds.
+A last table prints, for the hidden-state array alone, stored bytes and decode-only speed of
+zstd level 3, zstd level 1 and lz4 (the size-vs-decode-speed choice the writer makes).
 """
 
 from __future__ import annotations
@@ -22,17 +30,24 @@ import contextlib
 import json
 import logging
 import os
+import resource
+import shutil
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import google_crc32c
 import numcodecs.blosc
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kdcache.client.dataset import CacheDataset
 
@@ -68,26 +83,88 @@ def build_cache(args: argparse.Namespace) -> tuple[str, dict[str, Any], Path]:
     return url, spec, base / "root"
 
 
+def recode(url: str, dst: Path, old: bool) -> str:
+    """A copy of the cache at ``url`` under ``dst`` with the codecs and chunking of before issue
+    10 (``old``) or of today's writer; completion records are copied (their checksums cover
+    decoded values, which recoding keeps)."""
+    from kdcache.core.format import CHUNK_TARGET_BYTES, Manifest, plan_chunks
+    from kdcache.core.writer import _clevel
+
+    out = dst / Path(url).name
+    if (out / "_kdcache").exists():
+        return str(out)
+    src = zarr.open_group(url, mode="r")
+    m = Manifest.from_dict(dict(src.attrs["kdcache"]))  # type: ignore[arg-type]
+    group = zarr.open_group(str(out), mode="w", attributes=dict(src.attrs))
+    per = m.rows_per_shard
+    for spec in m.arrays():
+        a = src[spec.name]
+        assert isinstance(a, zarr.Array)
+        itemsize = np.dtype(a.dtype).itemsize
+        if old:
+            chunks = plan_chunks(spec.row_shape, itemsize, per, row_target=CHUNK_TARGET_BYTES)
+        else:
+            chunks = plan_chunks(spec.row_shape, itemsize, per)
+        shuffle: Literal["bitshuffle", "shuffle"] = (
+            "bitshuffle" if spec.shuffle == "bitshuffle" else "shuffle"
+        )
+        level = 3 if old else _clevel(spec.name)
+        new = group.create_array(
+            spec.name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=chunks,
+            shards=(per, *spec.row_shape),
+            compressors=(BloscCodec(cname="zstd", clevel=level, shuffle=shuffle), Crc32cCodec()),
+            fill_value=0,
+            attributes=dict(a.attrs),
+        )
+        new.with_config({"write_empty_chunks": True})[:] = a[:]
+    shutil.copytree(Path(url) / "_kdcache", out / "_kdcache")
+    return str(out)
+
+
 def shard_files(url: str, arrays: list[str]) -> list[Path]:
     return sorted(p for a in arrays for p in (Path(url) / a / "c").rglob("*") if p.is_file())
 
 
-def best(fn: Callable[[], float], repeat: int) -> float:
-    """The shortest of ``repeat`` timings of ``fn`` (which returns seconds)."""
-    return min(fn() for _ in range(repeat))
+@dataclass(frozen=True)
+class Cost:
+    """Wall seconds, and CPU seconds of this process's threads plus DataLoader workers that
+    ended (the machine may be shared: CPU seconds per byte are what load changes least)."""
+
+    wall: float
+    cpu: float
 
 
-def raw_read(files: list[Path]) -> float:
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], int]) -> tuple[Cost, int]:
+    """(cost, result) of one call of ``fn``."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime
+    return Cost(wall, time.process_time() - c0 + child), out
+
+
+def best(fn: Callable[[], int], repeat: int) -> tuple[Cost, int]:
+    """The least wall and the least CPU seconds of ``repeat`` calls, and the last result."""
+    runs = [timed(fn) for _ in range(repeat)]
+    return Cost(min(c.wall for c, _ in runs), min(c.cpu for c, _ in runs)), runs[-1][1]
+
+
+def raw_read(files: list[Path]) -> int:
+    n = 0
     for path in files:
         with open(path, "rb", buffering=0) as f:
-            while f.read(8 << 20):
-                pass
-    return time.perf_counter() - t0
+            while block := f.read(8 << 20):
+                n += len(block)
+    return n
 
 
 def chunks_in_memory(url: str, arrays: list[str]) -> list[bytes]:
-    """Every stored inner chunk of ``arrays``, sliced out of its shard by the shard index."""
+    """Every stored inner chunk of ``arrays`` (with its CRC-32C), sliced out of its shard."""
     out = []
     for name in arrays:
         meta = json.loads((Path(url) / name / "zarr.json").read_text())
@@ -101,28 +178,34 @@ def chunks_in_memory(url: str, arrays: list[str]) -> list[bytes]:
     return out
 
 
-def decode_only(chunks: list[bytes], threads: int) -> float:
-    t0 = time.perf_counter()
+def _blosc(chunk: bytes) -> bytes:
+    return numcodecs.blosc.decompress(memoryview(chunk)[:-4])
+
+
+def _chain(chunk: bytes) -> bytes:
+    if google_crc32c.value(chunk) != 0x48674BC7:  # CRC-32C residue of data + its checksum
+        raise ValueError("corrupt chunk")
+    return numcodecs.blosc.decompress(memoryview(chunk)[:-4])
+
+
+def decode_only(chunks: list[bytes], threads: int, decode: Callable[[bytes], bytes]) -> int:
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(numcodecs.blosc.decompress, chunks, chunksize=4):
-            pass
-    return time.perf_counter() - t0
+        return sum(len(out) for out in pool.map(decode, chunks, chunksize=4))
 
 
-def epoch(make: Callable[[], CacheDataset], workers: int, batch: int) -> tuple[float, int, int]:
-    """(seconds, rows, tensor bytes) of one shuffled epoch handed to the caller."""
+def epoch(make: Callable[[], CacheDataset], workers: int | None, batch: int) -> int:
+    """Tensor bytes of one shuffled epoch handed to the caller: rows one by one (``workers``
+    None) or batches through ``ds.loader`` with ``workers`` DataLoader workers."""
     ds = make()
-    t0 = time.perf_counter()
-    rows = nbytes = 0
-    if workers:
-        for b in ds.loader(batch_size=batch, num_workers=workers, multiprocessing_context="fork"):
-            rows += len(b["row"])
+    nbytes = 0
+    if workers is not None:
+        kw: dict[str, Any] = {"multiprocessing_context": "fork"} if workers else {}
+        for b in ds.loader(batch_size=batch, num_workers=workers, **kw):
             nbytes += sum(v.numel() * v.element_size() for v in b.values())
     else:
         for s in ds:
-            rows += 1
             nbytes += sum(v.numel() * v.element_size() for v in s.values())
-    return time.perf_counter() - t0, rows, nbytes
+    return nbytes
 
 
 @contextlib.contextmanager
@@ -186,6 +269,95 @@ def s3_bucket(url: str) -> Iterator[tuple[str, dict[str, Any]] | None]:
         server.stop()
 
 
+Row = tuple[str, str, Cost, float, float, Cost]  # settings, what, cost, stored, tensor, decode
+
+
+class Table:
+    """Rows measured so far, printed side by side at the end."""
+
+    def __init__(self, args: argparse.Namespace, tokens: int) -> None:
+        self.args, self.tokens = args, tokens
+        self.rows: list[Row] = []
+
+    def add(
+        self, settings: str, what: str, fn: Callable[[], int], stored: float, dec: Cost
+    ) -> Cost:
+        cost, nbytes = best(fn, self.args.repeat)
+        self.rows.append((settings, what, cost, stored, nbytes / cost.wall / 1e6, dec))
+        return cost
+
+    def print(self) -> None:
+        head = ("", "", "tokens/s", "MB/s", "tensor MB/s", "/ decode", "CPU s", "/ dec CPU")
+        print("\n  {:4s} {:46s} {:>11s} {:>8s} {:>11s} {:>8s} {:>6s} {:>9s}".format(*head))
+        for settings, what, c, stored, tensor_mbs, dec in self.rows:
+            print(
+                f"  {settings:4s} {what:46s} {self.tokens / c.wall:11,.0f} "
+                f"{stored / c.wall / 1e6:8.1f} {tensor_mbs:11.1f} {dec.wall / c.wall:8.2f} "
+                f"{c.cpu:6.2f} {dec.cpu / c.cpu:9.2f}"
+            )
+
+
+def measure_local(
+    table: Table, settings: str, url: str, arrays: list[str], kw: dict[str, Any]
+) -> Cost:
+    """Rows of ``table`` for one local cache; returns its decode-only (blosc + crc) cost."""
+    args, nan = table.args, float("nan")
+    files = shard_files(url, arrays)
+    stored = float(sum(f.stat().st_size for f in files))
+    chunks = chunks_in_memory(url, arrays)
+    print(
+        f"  {settings}: {stored / 1e6:.1f} MB stored in {len(files)} shard files, "
+        f"{len(chunks)} chunks"
+    )
+    dec, _ = best(lambda: decode_only(chunks, args.threads, _chain), args.repeat)
+    threads = f"{args.threads} threads"
+    table.add(settings, "raw read (cat-like)", lambda: 0 * raw_read(files), stored, dec)
+    table.add(
+        settings,
+        f"decode only, blosc ({threads})",
+        lambda: 0 * decode_only(chunks, args.threads, _blosc),
+        stored,
+        dec,
+    )
+    table.rows.append((settings, f"decode only, blosc + crc ({threads})", dec, stored, nan, dec))
+    make = lambda: CacheDataset(url, **kw)  # noqa: E731
+    table.add(settings, "CacheDataset local, rows", lambda: epoch(make, None, 0), stored, dec)
+    for w in args.workers:
+
+        def loader(w: int = w) -> int:
+            return epoch(make, w, args.batch_size)
+
+        table.add(settings, f"CacheDataset local, loader, {w} workers", loader, stored, dec)
+    return dec
+
+
+def codec_table(url: str, name: str, threads: int, repeat: int) -> None:
+    """Stored bytes and decode-only speed of one array under three Blosc compressors."""
+    meta = json.loads((Path(url) / name / "zarr.json").read_text())
+    inner = tuple(meta["codecs"][0]["configuration"]["chunk_shape"])
+    a = zarr.open_array(str(Path(url) / name), mode="r")
+    data = np.ascontiguousarray(a[: min(a.shape[0], 256)])
+    step = inner[0]
+    pieces = [data[i : i + step].tobytes() for i in range(0, len(data), step)]
+    print(f"\n  {name}: {data.nbytes / 1e6:.1f} MB of {data.dtype} in chunks of {inner}")
+    print(
+        "  {:24s} {:>8s} {:>16s} {:>14s}".format(
+            "blosc compressor", "ratio", "decode MB/s out", "encode MB/s"
+        )
+    )
+    for cname, level in (("zstd", 3), ("zstd", 1), ("lz4", 5)):
+        codec = numcodecs.Blosc(cname=cname, clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
+        t0 = time.perf_counter()
+        enc = [codec.encode(p) for p in pieces]
+        enc_s = time.perf_counter() - t0
+        size = sum(len(e) for e in enc)
+        dec_s = best(partial(decode_only, enc, threads, numcodecs.blosc.decompress), repeat)[0].wall
+        print(
+            f"  {cname + ' level ' + str(level):24s} {data.nbytes / size:8.2f} "
+            f"{data.nbytes / dec_s / 1e6:16.0f} {data.nbytes / enc_s / 1e6:14.0f}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1024)
@@ -197,12 +369,21 @@ def main() -> None:
     p.add_argument("--fields", default="input_ids,topk,hidden_2")
     p.add_argument("--sources", default="local,http,s3")
     p.add_argument("--threads", type=int, default=4, help="read/decode threads")
+    p.add_argument("--workers", default="0,2", help="DataLoader worker counts to measure")
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdcache-bench"))
     args = p.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",") if w]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
 
-    url, spec, root = build_cache(args)
+    built, spec, root = build_cache(args)
+    base = root.parent
+    caches = {
+        "old": recode(built, base / "recoded-old", old=True),
+        "new": recode(built, base / "recoded-new", old=False),
+    }
+    url = caches["new"]
     fields = args.fields.split(",")
     probe = CacheDataset(url, fields=fields)
     m = probe.manifest
@@ -210,40 +391,27 @@ def main() -> None:
     from kdcache.client.cache import open_reader
 
     arrays = list(stored_arrays(probe.fields, open_reader(url).arrays).values())
-    files = shard_files(url, arrays)
-    stored = sum(f.stat().st_size for f in files)
-    tokens = m.num_rows * m.seq_len
     print(
-        f"cache {url}\n  {m.num_rows} rows x {m.seq_len} tokens, top-{m.topk}, hidden "
-        f"{m.hidden_layers} (d={m.hidden_size}); fields {probe.fields}; "
-        f"{stored / 1e6:.1f} MB stored in {len(files)} shard files; {os.cpu_count()} CPUs"
+        f"cache {m.cache_id}\n  {m.num_rows} rows x {m.seq_len} tokens, top-{m.topk}, hidden "
+        f"{m.hidden_layers} (d={m.hidden_size}); fields {probe.fields}; {os.cpu_count()} CPUs"
     )
-    raw_s = best(lambda: raw_read(files), args.repeat)
-    chunks = chunks_in_memory(url, arrays)
-    dec_s = best(lambda: decode_only(chunks, args.threads), args.repeat)
-    rows_: list[tuple[str, float, float]] = [
-        ("raw read (cat-like)", raw_s, float("nan")),
-        (f"decode only ({args.threads} threads)", dec_s, float("nan")),
-    ]
-
-    def measure(name: str, make: Callable[[], CacheDataset], workers: int = 0) -> None:
-        secs = []
-        for _ in range(args.repeat):
-            s, n, nbytes = epoch(make, workers, 8)
-            secs.append((s, nbytes))
-        s, nbytes = min(secs)
-        rows_.append((name, s, nbytes / s / 1e6))
-
+    table = Table(args, m.num_rows * m.seq_len)
     kw = {"fields": fields, "seed": 0, "read_threads": args.threads}
     sources = args.sources.split(",")
+    dec = Cost(float("nan"), float("nan"))
     if "local" in sources:
-        measure("CacheDataset local", lambda: CacheDataset(url, **kw))
-        measure("CacheDataset local, 2 workers", lambda: CacheDataset(url, **kw), workers=2)
+        for settings, where in caches.items():
+            dec = measure_local(table, settings, where, arrays, kw)  # the new cache's is last
+    stored = float(sum(f.stat().st_size for f in shard_files(url, arrays)))
+
+    def remote(what: str, make: Callable[[], CacheDataset]) -> None:
+        table.add("new", what, lambda: epoch(make, None, 0), stored, dec)
+
     if "http" in sources:
         with http_service(root, spec, m.cache_id) as http:
             if http:
-                measure("CacheDataset HTTP (ranged reads)", lambda: CacheDataset(http, **kw))
-                measure(
+                remote("CacheDataset HTTP (ranged reads)", lambda: CacheDataset(http, **kw))
+                remote(
                     "CacheDataset HTTP + disk cache (cold)",
                     lambda: CacheDataset(http, cache_dir=tempfile.mkdtemp(), **kw),
                 )
@@ -252,19 +420,15 @@ def main() -> None:
             if s3:
                 s3url, opts = s3
                 kws = {**kw, "storage_options": opts}
-                measure("CacheDataset S3 (ranged reads)", lambda: CacheDataset(s3url, **kws))
-                measure(
+                remote("CacheDataset S3 (ranged reads)", lambda: CacheDataset(s3url, **kws))
+                remote(
                     "CacheDataset S3 + disk cache (cold)",
                     lambda: CacheDataset(s3url, cache_dir=tempfile.mkdtemp(), **kws),
                 )
-    head = ("", "tokens/s", "MB/s", "tensor MB/s", "/ raw", "/ decode")
-    print("\n  {:40s} {:>12s} {:>9s} {:>12s} {:>7s} {:>9s}".format(*head))
-    for name, s, tensor_mbs in rows_:
-        mbs = stored / s / 1e6
-        print(
-            f"  {name:40s} {tokens / s:12,.0f} {mbs:9.1f} {tensor_mbs:12.1f} "
-            f"{raw_s / s:7.2f} {dec_s / s:9.2f}"
-        )
+    table.print()
+    hidden = [a for a in arrays if a.startswith("hidden/")]
+    if hidden:
+        codec_table(url, hidden[0], args.threads, args.repeat)
 
 
 if __name__ == "__main__":

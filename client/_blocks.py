@@ -22,7 +22,7 @@ from kdcache.core.format import Manifest
 from kdcache.core.hidden_basis import Basis
 from kdcache.core.reader import corrupt_as_integrity_error
 
-__all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "read_rows"]
+__all__ = ["TENSOR_DTYPES", "BlockReader", "RowBlock", "batches", "read_rows"]
 
 MAX_RUN_BYTES = 64 << 20
 # the dtypes kdcache.client._fields.to_tensors gives; the fast path casts into them while decoding
@@ -78,10 +78,10 @@ def read_rows(
 
 @dataclass
 class RowBlock:
-    """Decoded rows of one window, ready to yield in order.
+    """Decoded rows of one window, in the order they are yielded.
 
-    ``tensors``: field -> (U, ...) for the U distinct rows; ``index``: (n,) position in U of each
-    row to yield, in yield order.
+    ``tensors``: field -> (n, ...), row j of each is the j-th row to yield (a row repeated by
+    padding appears twice); ``index``: (n,) ``arange(n)``, kept for readers of older blocks.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -94,8 +94,52 @@ class RowBlock:
     def samples(self) -> Iterator[dict[str, torch.Tensor]]:
         """One dict per row (views into the block; no leading batch dimension)."""
         items = list(self.tensors.items())
-        for j in self.index.tolist():
+        for j in range(len(self)):
             yield {k: v[j] for k, v in items}
+
+    def rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` as a batch: views into the block, no copy."""
+        return {k: v[start:stop] for k, v in self.tensors.items()}
+
+
+def batches(blocks: Iterator[RowBlock], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive rows of ``blocks`` in batches of ``size`` (the last may be short), as
+    ``DataLoader(batch_size=size)`` would collate them, but as views into the blocks: only a
+    batch that spans two blocks is copied (``torch.cat``)."""
+    carry: list[dict[str, torch.Tensor]] = []
+    have = 0
+    for block in blocks:
+        n, i = len(block), 0
+        if have:
+            i = min(size - have, n)
+            carry.append(block.rows(0, i))
+            have += i
+            if have == size:
+                yield _joined(carry)
+                carry, have = [], 0
+        while n - i >= size:
+            yield _own_rows(block.rows(i, i + size))
+            i += size
+        if i < n:
+            carry.append(block.rows(i, n))
+            have += n - i
+    if have:
+        yield _joined(carry)
+
+
+def _joined(pieces: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if len(pieces) == 1:
+        return _own_rows(pieces[0])
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def _own_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row constants (``temperatures``, ensemble weights) are expanded (stride 0) views in a
+    block; a batch gets real rows, as collating would give it."""
+    for k, v in batch.items():
+        if v.ndim and 0 in v.stride():
+            batch[k] = v.contiguous()
+    return batch
 
 
 class BlockReader:
@@ -133,18 +177,27 @@ class BlockReader:
         layout: FastLayout,
         locate: Callable[[str], str | None],
         rows: np.ndarray,
+        positions: np.ndarray,
+        n: int,
     ) -> tuple[np.ndarray, list[Task]]:
         shape = list(layout.shape[1:])
         if self.seq_len is not None:
             shape[0] = min(self.seq_len, shape[0])
         coded = field == "topk_logprobs" and self.manifest.topk_codec != "fp16"
         dtype = layout.dtype if coded else TENSOR_DTYPES.get(field, layout.dtype)  # decoded later
-        out = np.empty((len(rows), *shape), dtype=dtype)
-        return out, layout.tasks(locate, rows, out, self.seq_len)
+        out = np.empty((n, *shape), dtype=dtype)
+        return out, layout.tasks(locate, rows, out, self.seq_len, positions)
 
     def read(self, rows: np.ndarray) -> RowBlock:
-        """Rows in yield order (repeats allowed) of every field, as a RowBlock."""
-        uniq, index = np.unique(rows, return_inverse=True)
+        """Rows in yield order (repeats allowed) of every field, as a RowBlock.
+
+        Each distinct row is decoded once, straight into its place in yield order (the fast
+        path) or gathered there (zarr); a repeated row is copied from its first place.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        uniq, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        repeat = np.flatnonzero(first[inverse] != np.arange(len(rows)))
         data: dict[str, np.ndarray] = {}
         tasks: list[Task] = []
         slow = []
@@ -152,16 +205,20 @@ class BlockReader:
             if layout is None or self.locate is None:
                 slow.append(field)
                 continue
-            data[field], more = self._fast(field, layout, self.locate, uniq)
+            data[field], more = self._fast(field, layout, self.locate, uniq, first, len(rows))
             tasks += more
         done = [self.pool.submit(t) for t in tasks]
         for field in slow:
-            data[field] = read_rows(self.arrays[field], uniq, self.seq_len)
+            data[field] = read_rows(self.arrays[field], uniq, self.seq_len)[inverse]
         for fut in done:
             fut.result()
+        if repeat.size:
+            for field in self.layouts:
+                if field not in slow:
+                    data[field][repeat] = data[field][first[inverse[repeat]]]
         data = {f: data[f] for f in self.arrays}
-        tensors = to_tensors(self.manifest, uniq, data, self.fields, self.seq_len, self.bases)
+        tensors = to_tensors(self.manifest, rows, data, self.fields, self.seq_len, self.bases)
         nbytes = sum(
             t.numel() * t.element_size() for k, t in tensors.items() if k != "temperatures"
         )
-        return RowBlock(tensors, index.reshape(-1), nbytes)
+        return RowBlock(tensors, np.arange(len(rows)), nbytes)

@@ -3,6 +3,11 @@
 With DataLoader workers the rows are produced in other processes, and read ahead, so only the
 main process knows which batches training actually got. The loader counts them into the
 dataset, which makes ``dataset.state_dict()`` exact at any step.
+
+Batches are made by the dataset (:meth:`CacheDataset.iter_batches`: views of decoded blocks)
+rather than collated row by row by the DataLoader, which would copy every row once more, in the
+main process when there are no workers. A worker's batches travel to the main process as views
+of one shared-memory block per field, so they are not copied per batch either.
 """
 
 from __future__ import annotations
@@ -11,12 +16,28 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 if TYPE_CHECKING:
     from kdcache.client.dataset import CacheDataset
 
 __all__ = ["CacheLoader"]
+
+
+class _Batches(IterableDataset[dict[str, torch.Tensor]]):
+    """The dataset's batches as the items of an IterableDataset (a DataLoader with
+    ``batch_size=None`` passes them through as they are)."""
+
+    def __init__(self, dataset: CacheDataset, batch_size: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.dataset.iter_batches(self.batch_size)
 
 
 class CacheLoader:
@@ -42,7 +63,9 @@ class CacheLoader:
                 )
         self.dataset = dataset
         self.batch_size = batch_size
-        self.dataloader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, **kwargs)
+        self.dataloader: DataLoader[Any] = DataLoader(
+            _Batches(dataset, batch_size), batch_size=None, **kwargs
+        )
 
     def __len__(self) -> int:
         return len(self.dataloader)

@@ -7,11 +7,18 @@ decompresses them in a thread pool (Blosc releases the GIL) straight into the ou
 on the way to the dtype the tensors need. That is several times faster than going through
 zarr-python's asyncio pipeline; any other layout, or a remote store, uses zarr
 (:func:`FastLayout.of` returns None).
+
+The read path copies as little as it can: a chunk's stored bytes are read once (``pread``), its
+CRC-32C is checked over those bytes in place, and a chunk whose rows are wanted whole and whose
+dtype is the tensor's is decompressed directly into the output; others go through one scratch
+buffer per thread and one casting copy. Chunks are bundled into tasks of a few MiB so that the
+per-task cost of the pool stays small next to the decoding.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
@@ -20,6 +27,7 @@ from typing import Any
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -30,6 +38,55 @@ __all__ = ["FastLayout", "Task"]
 
 Task = Callable[[], None]
 _MISSING = 2**64 - 1
+# CRC-32C of (data + its own CRC, little-endian) is this constant: checking a chunk needs no copy
+# of its body without the trailing checksum.
+_CRC32C_RESIDUE = 0x48674BC7
+TASK_BYTES = 4 << 20
+"""Decoded bytes per pool task: large enough that submitting is cheap, small enough to spread."""
+_scratch = threading.local()
+
+
+def _scratch_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A per-thread buffer of ``shape`` and ``dtype``, reused across chunks (no fresh pages)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch.buf = bytearray(nbytes)
+    return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One stored inner chunk to decode, and where its values go in the output."""
+
+    start: int
+    nbytes: int
+    coords: tuple[int, ...]
+    source: tuple[Any, ...]  # selection in the decoded chunk
+    target: tuple[Any, ...]  # selection in the output (same shape as ``source``'s result)
+    direct: bool  # the target is the whole chunk, contiguous, in the stored dtype
+    basic: bool  # ``target`` is basic indexing: ``out[target]`` is a view
+
+
+_TORCH_PIECE = 16384
+"""Elements per torch copy: below torch's parallel grain, so a cast never starts OpenMP threads
+inside a decode thread."""
+
+
+def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` with a cast. numpy converts float16 to float32 one element at a time
+    (~20x slower than decoding it); torch's vectorised copy does it at memory speed."""
+    if (
+        dst.dtype == np.float32
+        and src.dtype == np.float16
+        and dst.flags.c_contiguous
+        and src.flags.c_contiguous
+    ):
+        d, s = torch.from_numpy(dst).view(-1), torch.from_numpy(src).view(-1)
+        for i in range(0, d.numel(), _TORCH_PIECE):
+            d[i : i + _TORCH_PIECE].copy_(s[i : i + _TORCH_PIECE])
+    else:
+        np.copyto(dst, src, casting="unsafe")
 
 
 @dataclass(frozen=True)
@@ -105,13 +162,17 @@ class FastLayout:
         rows: np.ndarray,
         out: np.ndarray,
         seq_len: int | None,
+        positions: np.ndarray | None = None,
     ) -> list[Task]:
-        """Work items that fill ``out`` with ``rows`` (sorted, unique), each decoding one chunk.
+        """Work items that fill ``out`` with ``rows`` (sorted, unique), each decoding a few
+        chunks of one shard object.
 
         locate: store key -> local file path, or None when the object does not exist (an
         IntegrityError: kdcache writes every shard object of a completed shard).
-        ``out``: (len(rows), T', ...) in any dtype; values are cast into it.
+        ``out``: (P, T', ...) in any dtype; values are cast into it. Row ``rows[i]`` goes to
+        ``out[positions[i]]`` (default: ``out[i]``), so rows can land in the order they are used.
         """
+        where = np.arange(len(rows)) if positions is None else np.asarray(positions)
         t_len = self.shape[1] if seq_len is None else min(seq_len, self.shape[1])
         rest = self.shape[1:]
         shard_of = rows // self.shard[0]
@@ -127,98 +188,105 @@ class FastLayout:
                     f"{self.path}: shard object {self.key(shard)} is missing "
                     f"though shard {shard} is recorded complete"
                 )
-            tasks += self._shard_tasks(path, shard, group, int(group_start), out, t_len, rest)
+            places = where[int(group_start) : int(group_start) + len(group)]
+            chunks = self._shard_chunks(path, shard, group, places, out, t_len, rest)
+            tasks += self._bundle(path, shard, chunks, out)
         return tasks
 
-    def _shard_tasks(
+    def _shard_chunks(
         self,
         path: str,
         shard: int,
         rows: np.ndarray,
-        offset: int,
+        places: np.ndarray,
         out: np.ndarray,
         t_len: int,
         rest: tuple[int, ...],
-    ) -> list[Task]:
+    ) -> list[_Chunk]:
         with open(path, "rb") as f:
             index = self._index(f.fileno(), os.fstat(f.fileno()).st_size)
         local = rows - shard * self.shard[0]
         ci = local // self.inner[0]
         # chunks covering [0, t_len) on axis 1 and everything on the other axes
         spans = [range(-(-t_len // self.inner[1]))] + [range(g) for g in self.grid[2:]]
-        tasks: list[Task] = []
+        whole_rows = t_len == self.shape[1] and self.inner[1:] == rest
+        same_dtype = out.dtype == self.dtype
+        chunks: list[_Chunk] = []
         for c in np.unique(ci).tolist():
             sel = np.flatnonzero(ci == c)
-            in_chunk, out_rows = local[sel] - c * self.inner[0], offset + sel
+            in_chunk, out_rows = local[sel] - c * self.inner[0], places[sel]
+            n = len(out_rows)
+            first = int(out_rows[0])
+            dense = n == self.inner[0] and bool(np.all(np.diff(out_rows) == 1))
             for coords in product(*spans):
                 start, nbytes = (int(v) for v in index[(c, *coords)])
-                tasks.append(
-                    self._chunk_task(
-                        path,
-                        shard,
-                        start,
-                        nbytes,
-                        (c, *coords),
-                        in_chunk,
-                        out_rows,
-                        out,
-                        t_len,
-                        rest,
-                    )
-                )
-        return tasks
+                region, dst = self._regions(coords, t_len, rest)
+                if dense:
+                    source: tuple[Any, ...] = (slice(None), *region)
+                    target: tuple[Any, ...] = (slice(first, first + n), *dst)
+                elif n == 1:  # one row of the chunk: basic indexing, no fancy-index temporary
+                    source, target = (int(in_chunk[0]), *region), (first, *dst)
+                else:
+                    source, target = (in_chunk, *region), (out_rows, *dst)
+                direct = dense and whole_rows and same_dtype
+                basic = dense or n == 1
+                chunks.append(_Chunk(start, nbytes, (c, *coords), source, target, direct, basic))
+        return chunks
 
-    def _decode(self, raw: bytes, shard: int, coords: tuple[int, ...]) -> np.ndarray:
-        """One inner chunk's values; IntegrityError naming the shard when its bytes are corrupt."""
-        where = f"{self.path}: chunk {coords} of shard {shard} ({self.key(shard)})"
-        if self.crc:
-            body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
-            if len(raw) < 4 or google_crc32c.value(body) != crc:
-                raise IntegrityError(f"{where}: CRC-32C mismatch; the stored bytes are corrupt")
-            raw = body
-        try:
-            chunk = np.frombuffer(numcodecs.blosc.decompress(raw), dtype=self.dtype)
-            return chunk.reshape(self.inner)
-        except (RuntimeError, ValueError) as err:
-            raise IntegrityError(f"{where}: cannot be decoded ({err}); it is corrupt") from err
-
-    def _chunk_task(
-        self,
-        path: str,
-        shard: int,
-        start: int,
-        nbytes: int,
-        coords: tuple[int, ...],
-        in_chunk: np.ndarray,
-        out_rows: np.ndarray,
-        out: np.ndarray,
-        t_len: int,
-        rest: tuple[int, ...],
-    ) -> Task:
+    def _regions(
+        self, coords: tuple[int, ...], t_len: int, rest: tuple[int, ...]
+    ) -> tuple[list[slice], list[slice]]:
+        """(selection in the chunk, selection in the output) along axes 1.. of chunk ``coords``."""
         region: list[slice] = []
         dst: list[slice] = []
-        for axis, c in enumerate(coords[1:], start=1):
+        for axis, c in enumerate(coords, start=1):
             lo = c * self.inner[axis]
             hi = min(lo + self.inner[axis], t_len if axis == 1 else rest[axis - 1])
             region.append(slice(0, hi - lo))
             dst.append(slice(lo, hi))
-        n = len(out_rows)
-        dense = n == self.inner[0] and int(out_rows[-1]) - int(out_rows[0]) == n - 1
+        return region, dst
 
-        target: tuple[Any, ...] = (out_rows, *dst)
-        source: tuple[Any, ...] = (in_chunk, *region)
+    def _bundle(self, path: str, shard: int, chunks: list[_Chunk], out: np.ndarray) -> list[Task]:
+        """Group ``chunks`` (of one shard object) into tasks of about TASK_BYTES decoded."""
+        per_task = max(1, TASK_BYTES // max(1, int(np.prod(self.inner)) * self.dtype.itemsize))
+        return [
+            self._task(path, shard, chunks[i : i + per_task], out)
+            for i in range(0, len(chunks), per_task)
+        ]
 
+    def _task(self, path: str, shard: int, chunks: list[_Chunk], out: np.ndarray) -> Task:
         def run() -> None:
-            if start == _MISSING:
-                out[target] = self.fill
-                return
-            with open(path, "rb") as f:
-                raw = os.pread(f.fileno(), nbytes, start)
-            chunk = self._decode(raw, shard, coords)
-            if dense:
-                first = int(out_rows[0])
-                out[(slice(first, first + n), *dst)] = chunk[(slice(None), *region)]
-            else:
-                out[target] = chunk[source]
+            with open(path, "rb", buffering=0) as f:
+                fd = f.fileno()
+                for chunk in chunks:
+                    self._fill(fd, shard, chunk, out)
 
         return run
+
+    def _fill(self, fd: int, shard: int, chunk: _Chunk, out: np.ndarray) -> None:
+        """Decode one chunk into ``out``."""
+        if chunk.start == _MISSING:
+            out[chunk.target] = self.fill
+            return
+        raw = os.pread(fd, chunk.nbytes, chunk.start)
+        where = f"{self.path}: chunk {chunk.coords} of shard {shard} ({self.key(shard)})"
+        if len(raw) != chunk.nbytes:
+            raise IntegrityError(f"{where}: the shard object is truncated")
+        body = memoryview(raw)
+        if self.crc:
+            if len(raw) < 4 or google_crc32c.value(raw) != _CRC32C_RESIDUE:
+                raise IntegrityError(f"{where}: CRC-32C mismatch; the stored bytes are corrupt")
+            body = body[:-4]
+        dest = out[chunk.target] if chunk.direct else _scratch_array(self.inner, self.dtype)
+        try:
+            # Blosc's header (bytes 4..8: decompressed size) guards ``dest`` against a short chunk
+            size = int.from_bytes(body[4:8], "little") if len(body) >= 16 else -1
+            if size != dest.nbytes:
+                raise ValueError(f"its header says {size} bytes, not {dest.nbytes}")
+            numcodecs.blosc.decompress(body, dest)
+        except (RuntimeError, ValueError) as err:
+            raise IntegrityError(f"{where}: cannot be decoded ({err}); it is corrupt") from err
+        if chunk.basic and not chunk.direct:
+            _cast_into(out[chunk.target], dest[chunk.source])
+        elif not chunk.direct:
+            out[chunk.target] = dest[chunk.source]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from kdcache.client._blocks import BlockReader, RowBlock
+from kdcache.client._blocks import BlockReader, RowBlock, batches
 from kdcache.client._diskcache import DiskCache
 from kdcache.client._fields import expand_fields, stored_arrays
 from kdcache.client._loader import CacheLoader
@@ -292,10 +292,23 @@ class CacheDataset(IterableDataset[Sample]):
             locate = _local_locator(reader.storage.root)
         elif remote is not None and remote.cache is not None:
             locate = _cache_locator(remote.cache)
-        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
+        pool = ThreadPoolExecutor(self._threads_here(), thread_name_prefix="kdcache-read")
         bases = hidden_bases(reader) if self.decode_hidden else None
         blocks = BlockReader(manifest, arrays, self.seq_len, pool, locate, fields, bases=bases)
         return _Opened(os.getpid(), reader, blocks, remote)
+
+    def _threads_here(self) -> int:
+        """Decode threads of this process: ``read_threads``, but inside a DataLoader worker no
+        more than its share of the CPUs this process may use, so that N workers decode on N
+        cores' worth of threads instead of N x ``read_threads`` threads fighting for them."""
+        info = get_worker_info()
+        if info is None:
+            return self.read_threads
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(self.read_threads, cpus // info.num_workers))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -421,10 +434,11 @@ class CacheDataset(IterableDataset[Sample]):
         for positions in plan.slot_groups(order, self.rank, worker, num_workers, skip):
             yield self._read(opened, order, positions)
 
-    def __iter__(self) -> Iterator[Sample]:
+    def _pass_blocks(self) -> Iterator[RowBlock]:
+        """This slot's blocks of the current pass, read ahead by a thread; ends the pass (in the
+        main process) once the consumer asks past the last block."""
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        in_main = info is None
         if num_workers > 1 and self.batch_size is None and worker == 0:
             log.warning(
                 "batch_size is unset with %d DataLoader workers: steps will not follow the global "
@@ -436,15 +450,29 @@ class CacheDataset(IterableDataset[Sample]):
         blocks = self._blocks(opened, self._plan(self._start), self._consumed, worker, num_workers)
         prefetch = Prefetcher(blocks, lambda b: b.nbytes, self.prefetch_bytes)
         try:
-            for block in prefetch:
-                for sample in block.samples():
-                    if in_main:
-                        self._consumed += 1
-                    yield sample
-            if in_main:
+            yield from prefetch
+            if info is None:
                 self._end_pass()
         finally:
             prefetch.close()
+
+    def __iter__(self) -> Iterator[Sample]:
+        in_main = get_worker_info() is None
+        for block in self._pass_blocks():
+            for sample in block.samples():
+                if in_main:
+                    self._consumed += 1
+                yield sample
+
+    def iter_batches(self, batch_size: int) -> Iterator[Sample]:
+        """The rows :meth:`__iter__` yields, in batches of ``batch_size`` (B, ...) as
+        ``DataLoader(self, batch_size=batch_size)`` collates them, but without copying: a batch
+        is a view of the decoded block (only one that spans two blocks is copied)."""
+        in_main = get_worker_info() is None
+        for batch in batches(self._pass_blocks(), batch_size):
+            if in_main:
+                self._consumed += len(batch["row"])
+            yield batch
 
     def loader(self, batch_size: int | None = None, **kwargs: Any) -> CacheLoader:
         """A DataLoader over this dataset that counts delivered rows for :meth:`state_dict`.

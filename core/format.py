@@ -79,6 +79,7 @@ ARRAY_SAMPLE_COUNTS = "sample/counts"
 ARRAY_SAMPLE_LOGPROBS = "sample/logprobs"
 """(N, T, m) float16: the teacher's exact log-probability at t=1 of each drawn id (issue 9)."""
 CHUNK_TARGET_BYTES = 1 << 20
+ROW_CHUNK_BYTES = 64 << 10
 HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
 
@@ -103,19 +104,27 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 
 def plan_chunks(
-    row_shape: tuple[int, ...], itemsize: int, rows_per_shard: int, target: int = CHUNK_TARGET_BYTES
+    row_shape: tuple[int, ...],
+    itemsize: int,
+    rows_per_shard: int,
+    target: int = CHUNK_TARGET_BYTES,
+    row_target: int = ROW_CHUNK_BYTES,
 ) -> tuple[int, ...]:
     """Inner chunk shape for an array of rows shaped ``row_shape``.
 
     Rows per chunk divide ``rows_per_shard`` and positions per chunk divide T (Zarr needs the
-    shard shape to be a multiple of the chunk shape); a chunk stays near ``target`` bytes.
+    shard shape to be a multiple of the chunk shape). A row of ``target`` bytes or more is split
+    along T into chunks near ``target``. Smaller rows share a chunk only up to ``row_target``
+    bytes: a reader (a DDP rank, a DataLoader worker) that wants one row of a shuffled window
+    decodes the whole chunk, so chunks of many large rows make every reader decode the others'
+    rows too; tiny rows (token ids, masks) are grouped so each chunk is worth a decoder call.
     """
     t, rest = row_shape[0], row_shape[1:]
     per_pos = itemsize * int(np.prod(rest, dtype=np.int64)) if rest else itemsize
     row_bytes = per_pos * t
     if row_bytes >= target:
         return (1, _largest_divisor_at_most(t, max(1, target // per_pos)), *rest)
-    return (_largest_divisor_at_most(rows_per_shard, target // row_bytes), t, *rest)
+    return (_largest_divisor_at_most(rows_per_shard, row_target // row_bytes), t, *rest)
 
 
 def shard_rows(shard: int, rows_per_shard: int, num_rows: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from kdcache.client._blocks import BlockReader, read_rows
 from kdcache.client._shardread import FastLayout
@@ -117,3 +117,73 @@ def _manifest_stub():
         teacher_fingerprint="t",
         dataset_fingerprint="d",
     )
+
+
+def _rows_array(root: Path, rows_per_chunk: int) -> tuple[zarr.Array, np.ndarray]:
+    """float16 (23, 12, 3) in shards of 6 rows, chunks of whole rows (the layout of large rows)."""
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal((23, 12, 3)) * 10).astype("float16")
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="w")
+    arr = group.create_array(
+        "hidden/1",
+        shape=data.shape,
+        dtype="float16",
+        chunks=(rows_per_chunk, 12, 3),
+        shards=(6, 12, 3),
+        fill_value=0,
+        compressors=(BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()),
+    )
+    arr.with_config({"write_empty_chunks": True})[:] = data
+    return arr, data
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 2, 3])
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("crop", [None, 5])
+def test_rows_land_in_the_places_asked(
+    tmp_path: Path, rows_per_chunk: int, out_dtype: str, crop: int | None
+) -> None:
+    """Whole-row chunks decode straight into the output (float16 out: no scratch buffer) or
+    through one cast (float32: torch's copy); ``positions`` puts each row where it is used."""
+    arr, data = _rows_array(tmp_path, rows_per_chunk)
+    layout = FastLayout.of(arr)
+    assert layout is not None and layout.crc
+    rng = np.random.default_rng(3)
+    for rows in (np.arange(23), np.sort(rng.choice(23, 10, replace=False)), np.array([7])):
+        places = rng.permutation(len(rows))
+        t = 12 if crop is None else crop
+        out = np.full((len(rows), t, 3), np.nan, dtype=out_dtype)
+        tasks = layout.tasks(_locate(tmp_path), rows, out, crop, places)
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda task: task(), tasks))
+        expected = np.empty_like(out)
+        expected[places] = data[rows, :t].astype(out_dtype)
+        np.testing.assert_array_equal(out, expected)
+
+
+def test_a_block_holds_rows_in_yield_order_with_repeats(tmp_path: Path) -> None:
+    """The fast path and zarr give the same block, rows in the order asked, repeats included."""
+    arr, data = _rows_array(tmp_path, 2)
+    rows = np.array([9, 3, 22, 3, 0, 9, 9, 14])
+    with ThreadPoolExecutor(2) as pool:
+        fast = BlockReader(_manifest_stub(), {"hidden_9": arr}, None, pool, _locate(tmp_path))
+        slow = BlockReader(_manifest_stub(), {"hidden_9": arr}, None, pool)
+        assert fast.layouts["hidden_9"] is not None and slow.layouts["hidden_9"] is None
+        blocks = [fast.read(rows), slow.read(rows)]
+    for block in blocks:
+        assert block.tensors["row"].tolist() == rows.tolist()
+        np.testing.assert_array_equal(block.tensors["hidden_9"].numpy(), data[rows])
+
+
+def test_a_corrupt_chunk_body_is_an_integrity_error(tmp_path: Path) -> None:
+    arr, _ = _rows_array(tmp_path, 1)
+    layout = FastLayout.of(arr)
+    assert layout is not None
+    path = tmp_path / layout.key(1)
+    raw = bytearray(path.read_bytes())
+    raw[20] ^= 0xFF  # inside the first inner chunk of shard 1
+    path.write_bytes(bytes(raw))
+    out = np.empty((1, 12, 3), dtype="float16")
+    (task,) = layout.tasks(_locate(tmp_path), np.array([6]), out, None)
+    with pytest.raises(IntegrityError, match="CRC-32C mismatch"):
+        task()

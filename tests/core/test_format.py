@@ -235,3 +235,30 @@ def test_chunks_divide_shards(row_shape: tuple[int, ...], itemsize: int, per_sha
     assert chunks[2:] == row_shape[1:]
     chunk_bytes = itemsize * int(np.prod(chunks))
     assert chunk_bytes <= max(1 << 20, itemsize * int(np.prod(row_shape[1:])))
+
+
+def test_large_rows_get_chunks_of_their_own_and_small_rows_share() -> None:
+    # a 128 KiB row (T=512, d=128, bf16): one row per chunk, so a reader of one row of a
+    # shuffled window (a DDP rank, a DataLoader worker) decodes no other reader's rows
+    assert plan_chunks((512, 128), 2, 128) == (1, 512, 128)
+    # 2 KiB rows (token ids): 32 per chunk (64 KiB), a chunk still worth a decoder call
+    assert plan_chunks((512,), 4, 128) == (32, 512)
+    # rows of 1 MiB or more are still split along T
+    assert plan_chunks((4096, 4096), 2, 64) == (1, 128, 4096)
+
+
+def test_hidden_states_and_ids_use_zstd_level_1_topk_level_3(tmp_path: Path) -> None:
+    _write_all(str(tmp_path / "c"), _manifest())
+    g = zarr.open_group(str(tmp_path / "c"), mode="r")
+    levels = {}
+    for name in ("input_ids", "loss_mask", "hidden/1", "topk/logprobs", "topk/indices"):
+        blosc = g[name].metadata.codecs[0].codecs[1]  # type: ignore[union-attr]
+        assert blosc.cname.value == "zstd"
+        levels[name] = blosc.clevel
+    assert levels == {
+        "input_ids": 1,
+        "loss_mask": 1,
+        "hidden/1": 1,
+        "topk/logprobs": 3,
+        "topk/indices": 3,
+    }
