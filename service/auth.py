@@ -40,19 +40,20 @@ def check_token(settings: Settings, route_class: RouteClass, given: str | None) 
         raise Forbidden(f"the token does not grant {route_class} access")
 
 
-def _require_admin(settings: SettingsDep, creds: Credentials) -> None:
+async def _require_admin(settings: SettingsDep, creds: Credentials) -> None:
     check_token(settings, "admin", creds.credentials if creds else None)
 
 
-def _require_worker(settings: SettingsDep, creds: Credentials) -> None:
+async def _require_worker(settings: SettingsDep, creds: Credentials) -> None:
     check_token(settings, "worker", creds.credentials if creds else None)
 
 
-def _require_read(settings: SettingsDep, creds: Credentials, request: Request) -> None:
+async def _require_read(settings: SettingsDep, creds: Credentials, request: Request) -> None:
     given = creds.credentials if creds else request.cookies.get(TOKEN_COOKIE)
     check_token(settings, "read", given)
 
 
+# The checks are ``async`` (they do no I/O) so that FastAPI does not hop to its thread pool.
 AdminAuth: params.Depends = Depends(_require_admin)
 WorkerAuth: params.Depends = Depends(_require_worker)
 ReadAuth: params.Depends = Depends(_require_read)

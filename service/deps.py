@@ -13,13 +13,14 @@ from kdcache.service.store import JobStore
 __all__ = ["FilesDep", "SettingsDep", "StoreDep", "get_files", "get_store"]
 
 
-def get_store(request: Request) -> JobStore:
-    """The job store the lifespan opened."""
+async def get_store(request: Request) -> JobStore:
+    """The job store the lifespan opened (``async``: FastAPI runs a plain ``def`` dependency in
+    its thread pool, a thread hop per request for nothing)."""
     store: JobStore = request.app.state.store
     return store
 
 
-def get_files(request: Request) -> CacheFiles:
+async def get_files(request: Request) -> CacheFiles:
     """Read access to the caches under the storage root."""
     files: CacheFiles = request.app.state.files
     return files
