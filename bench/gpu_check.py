@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import peak_memory, teacher_pass_spec, timed
+from _common import (
+    alternate,
+    batches_of,
+    extract_kwargs,
+    forwards,
+    memory_table,
+    print_speed,
+    teacher_pass_spec,
+    timed,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -177,43 +185,19 @@ def memory(
     dev: torch.device,
 ) -> None:
     """Peak memory above the start: body forward, full forward, kdcache pass (fused head)."""
-    model = job.teacher.model
-
-    def body() -> None:
-        with torch.inference_mode():
-            for x in batches:
-                model.base_model(input_ids=x, use_cache=False)
-
-    def full() -> None:
-        with torch.inference_mode():
-            for x in batches:
-                model(input_ids=x, use_cache=False)
-
+    body, full = forwards(job.teacher.model, batches)
     logits = args.batch * args.seq_len * args.vocab * 4
     fused = getattr(job.teacher, "head", None) is not None
     print(f"memory (one batch's float32 logits {logits / 2**30:.3f} GiB; fused head: {fused})")
-    peaks = {}
-    for name, fn in (("body forward", body), ("full forward", full), ("kdcache run_job", job_pass)):
-        sec, peak = peak_memory(fn, dev)
-        peaks[name] = max(0, peak)
-        tok = args.rows * args.seq_len / sec
-        print(f"  {name:<16} peak +{peaks[name] / 2**30:7.3f} GiB  {tok:12,.0f} tokens/s")
-    extra = peaks["kdcache run_job"] - peaks["body forward"]
-    print(f"  run_job above the body: {extra / logits:.1%} of one batch's float32 logits")
+    runs = [("body forward", body), ("full forward", full), ("kdcache run_job", job_pass)]
+    memory_table(runs, args.rows * args.seq_len, logits, dev, job="kdcache run_job")
 
 
 def fused_vs_unfused(job: Any, ids: np.ndarray, dev: torch.device) -> None:
     """The same rows through the fused head and through the model's own logits."""
     from kdcache.worker.extract import extract
 
-    m = job.manifest
-    kw: dict[str, Any] = {
-        "topk": m.topk,
-        "temperatures": m.temperatures,
-        "layers": m.hidden_layers,
-        "hidden_dtype": m.hidden_dtype,
-        "index_dtype": m.index_dtype,
-    }
+    kw = extract_kwargs(job.manifest)
     a = extract(job.teacher, ids, fused=True, **kw)
     b = extract(job.teacher, ids, fused=False, **kw)
     dlse = float(np.abs(a["topk/logsumexp"] - b["topk/logsumexp"]).max())
@@ -240,14 +224,7 @@ def split_check(teacher_dir: Path, job: Any, ids: np.ndarray) -> None:
         teacher_dir, dtype=torch.bfloat16, local_files_only=True, device_map=dmap
     )
     split = HFTeacher(model, description="split over cuda:0,cuda:1")
-    m = job.manifest
-    kw: dict[str, Any] = {
-        "topk": m.topk,
-        "temperatures": m.temperatures,
-        "layers": m.hidden_layers,
-        "hidden_dtype": m.hidden_dtype,
-        "index_dtype": m.index_dtype,
-    }
+    kw = extract_kwargs(job.manifest)
     a, b = extract(job.teacher, ids, **kw), extract(split, ids, **kw)
     dlse = float(np.abs(a["topk/logsumexp"] - b["topk/logsumexp"]).max())
     same = float((a["topk/indices"] == b["topk/indices"]).mean())
@@ -294,45 +271,22 @@ def main() -> int:
             f"batch {args.batch}; top-k {args.topk}, 2 hidden layers bf16"
         )
         ids = np.load(tokens)
-        batches = [
-            torch.from_numpy(ids[i : i + args.batch]).long().to(dev)
-            for i in range(0, len(ids), args.batch)
-        ]
+        batches = batches_of(ids, args.batch, dev)
+        _, bare = forwards(model, batches)
         roots = iter(range(10**6))
-
-        def bare() -> None:
-            with torch.inference_mode():
-                for x in batches:
-                    model(input_ids=x, use_cache=False)
 
         def job_pass() -> str:  # a fresh root each time: a finished cache would be skipped
             return run_job(spec, work / f"root{next(roots)}", job=job)
 
         bare()
         cache_path = job_pass()  # warm-up; this cache is the one checked below
-        t_bare, t_job = [], []
-        for _ in range(args.reps):
-            t_bare.append(timed(bare, dev))
-            t_job.append(timed(job_pass, dev))
-        mb, mj = statistics.median(t_bare), statistics.median(t_job)
-        tok = args.rows * args.seq_len
+        t_bare, t_job, _, _ = alternate(bare, job_pass, args.reps, dev)
         print("speed (medians of alternated runs; model load not timed)")
-        print(f"  bare bf16 forward  {mb:8.3f} s  {tok / mb:12,.0f} tokens/s")
-        print(f"  kdcache run_job    {mj:8.3f} s  {tok / mj:12,.0f} tokens/s")
-        print(f"  ratio              {mj / mb:8.3f}  (aim <= 1.15)")
-        m = job.manifest
+        tokens = args.rows * args.seq_len
+        print_speed(t_bare, t_job, tokens, ("bare bf16 forward", "kdcache run_job"))
+        kw = extract_kwargs(job.manifest)
         t_extract = timed(
-            lambda: extract_batches(
-                job.teacher,
-                ids,
-                batch_size=args.batch,
-                topk=m.topk,
-                temperatures=m.temperatures,
-                layers=m.hidden_layers,
-                hidden_dtype=m.hidden_dtype,
-                index_dtype=m.index_dtype,
-            ),
-            dev,
+            lambda: extract_batches(job.teacher, ids, batch_size=args.batch, **kw), dev
         )
         print(f"  extraction alone   {t_extract:8.3f} s  (forward + top-k/lse + copies, no writes)")
         memory(args, job, batches, job_pass, dev)

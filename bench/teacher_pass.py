@@ -26,16 +26,24 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from _common import peak_memory, teacher_pass_spec, timed
+from _common import (
+    alternate,
+    batches_of,
+    extract_kwargs,
+    forwards,
+    memory_table,
+    print_speed,
+    teacher_pass_spec,
+    timed,
+)
 
 if TYPE_CHECKING:
     from kdcache.core.spec import JobSpec
@@ -85,37 +93,11 @@ def memory_config(args: argparse.Namespace, work: Path) -> None:
     margs = memory_args(args)
     work.mkdir(parents=True, exist_ok=True)
     spec, job = make_job(margs, work)
-    model: Any = job.teacher.model
-    ids = np.load(work / "tokens.npy")
-    batches = [
-        torch.from_numpy(ids[i : i + args.batch]).long() for i in range(0, len(ids), args.batch)
-    ]
+    body, full = forwards(job.teacher.model, batches_of(np.load(work / "tokens.npy"), args.batch))
     roots = iter(range(10**6))
-
-    def body() -> None:
-        with torch.inference_mode():
-            for x in batches:
-                model.base_model(input_ids=x, use_cache=False)
-
-    def full() -> None:
-        with torch.inference_mode():
-            for x in batches:
-                model(input_ids=x, use_cache=False)
 
     def job_pass() -> None:
         run_job(spec, work / f"mroot{next(roots)}", job=job)
-
-    for fn in (body, full, job_pass):
-        fn()  # warm-up: allocator pools and lazy imports are not the pass's memory
-    logits = args.batch * args.seq_len * margs.vocab * 4
-    tokens = margs.rows * args.seq_len
-    fused = getattr(job.teacher, "head", None) is not None
-    print(
-        f"\nmemory: Llama d={margs.dim}, 2 layers, vocab {margs.vocab}; {margs.rows} rows x "
-        f"{args.seq_len}, batch {args.batch}; one batch's float32 logits "
-        f"{logits / 2**30:.2f} GiB; fused head: {fused}"
-    )
-    results = {}
 
     def unfused() -> None:  # the path of teachers without a linear head (and of kdcache <= 0.1)
         head, job.teacher.head = job.teacher.head, None  # type: ignore[attr-defined]
@@ -124,19 +106,19 @@ def memory_config(args: argparse.Namespace, work: Path) -> None:
         finally:
             job.teacher.head = head  # type: ignore[attr-defined]
 
-    runs = [("bare body forward", body), ("bare full forward", full), ("kdcache job", job_pass)]
+    for fn in (body, full, job_pass):
+        fn()  # warm-up: allocator pools and lazy imports are not the pass's memory
+    logits = args.batch * args.seq_len * margs.vocab * 4
+    fused = getattr(job.teacher, "head", None) is not None
+    print(
+        f"\nmemory: Llama d={margs.dim}, 2 layers, vocab {margs.vocab}; {margs.rows} rows x "
+        f"{args.seq_len}, batch {args.batch}; one batch's float32 logits "
+        f"{logits / 2**30:.2f} GiB; fused head: {fused}"
+    )
+    runs = [("body forward", body), ("full forward", full), ("kdcache job", job_pass)]
     if fused:
         runs.append(("kdcache job unfused", unfused))
-    for name, fn in runs:
-        sec, peak = peak_memory(fn)
-        peak = max(0, peak)  # a body forward may fit in memory freed earlier
-        results[name] = peak
-        print(f"  {name:<19} peak +{peak / 2**30:6.3f} GiB  {tokens / sec:10,.0f} tokens/s")
-    extra = results["kdcache job"] - results["bare body forward"]
-    print(
-        f"  job peak above the body forward: {extra / 2**30:.3f} GiB = {extra / logits:.1%} of one "
-        f"batch's float32 logits (aim <= 25%)"
-    )
+    memory_table(runs, margs.rows * args.seq_len, logits)
 
 
 def make_job(args: argparse.Namespace, work: Path) -> tuple[JobSpec, PreparedJob]:
@@ -171,17 +153,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kdcache-bench-") as tmp:
         work = Path(tmp)
         spec, job = make_job(args, work)
-        model: Any = job.teacher.model
         ids = np.load(work / "tokens.npy")
-        batches = [
-            torch.from_numpy(ids[i : i + args.batch]).long() for i in range(0, len(ids), args.batch)
-        ]
+        batches = batches_of(ids, args.batch)
+        _, bare = forwards(job.teacher.model, batches)
         roots = iter(range(10**6))
-
-        def bare() -> None:
-            with torch.inference_mode():
-                for x in batches:
-                    model(input_ids=x, use_cache=False)
 
         def job_pass() -> None:  # a fresh root each time: a finished cache would be skipped
             run_job(spec, work / f"root{next(roots)}", job=job)
@@ -194,16 +169,10 @@ def main() -> int:
         )
         bare()  # warm-up
         job_pass()
-        t_bare, t_job = [], []
-        for _ in range(args.reps):
-            t_bare.append(timed(bare))
-            t_job.append(timed(job_pass))
-        mb, mj = statistics.median(t_bare), statistics.median(t_job)
+        t_bare, t_job, c_bare, c_job = alternate(bare, job_pass, args.reps)
+        print(f"speed (medians of {args.reps} alternated runs; model load not timed)")
         tokens = args.rows * args.seq_len
-        print(f"bare forward   {mb:7.3f} s  ({tokens / mb:,.0f} tokens/s)  runs {fmt(t_bare)}")
-        print(f"kdcache job    {mj:7.3f} s  ({tokens / mj:,.0f} tokens/s)  runs {fmt(t_job)}")
-        best = min(t_job) / min(t_bare)  # steadier than medians on a busy machine
-        print(f"ratio          {mj / mb:7.3f}  (medians; aim <= 1.15)  best-of ratio {best:.3f}")
+        print_speed(t_bare, t_job, tokens, ("bare forward", "kdcache job"), (c_bare, c_job))
 
         if args.mem_vocab:
             memory_config(args, work / "memory")
@@ -214,18 +183,8 @@ def main() -> int:
             data: dict[str, np.ndarray] = {}
 
             def extract() -> None:
-                data.update(
-                    extract_batches(
-                        job.teacher,
-                        ids,
-                        batch_size=args.batch,
-                        topk=m.topk,
-                        temperatures=m.temperatures,
-                        layers=m.hidden_layers,
-                        hidden_dtype=m.hidden_dtype,
-                        index_dtype=m.index_dtype,
-                    )
-                )
+                kw = extract_kwargs(m)
+                data.update(extract_batches(job.teacher, ids, batch_size=args.batch, **kw))
 
             t_extract = timed(extract)
             print("breakdown (each part alone, one pass)")
@@ -256,10 +215,6 @@ def time_writes(job: PreparedJob, data: dict[str, np.ndarray], work: Path) -> fl
         part["loss_mask"] = np.ones((end - start, m.seq_len), dtype=bool)
         writer.commit(writer.write_shard(shard, part, writer={"bench": True}))
     return time.perf_counter() - t0
-
-
-def fmt(xs: list[float]) -> str:
-    return "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"
 
 
 if __name__ == "__main__":
