@@ -2,8 +2,9 @@
 
 ``CacheDataset([cache_a, cache_b, ...], weights=...)`` streams them and ``MultiCache`` gives random
 access. The caches must hold the same rows (``input_ids`` compared shard by shard through the
-completion records' SHA-256, and row by row where those differ) under the same vocabulary (size,
-and tokenizer fingerprint where both have one); the first cache decides the order of rows.
+completion records' SHA-256, and row by row where those differ) under the same vocabulary size
+(different tokenizer files of the same size are logged, not refused); the first cache decides
+the order of rows.
 
 An ensemble batch keeps the shared keys ``row``, ``input_ids`` and ``loss_mask`` (true where every
 teacher's mask is), adds ``teacher_weights`` (B, n) float32 (normalised to sum 1), and prefixes
@@ -16,6 +17,7 @@ the usual single-teacher keys (for ``hidden_losses``, say).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +50,8 @@ __all__ = [
     "teacher_weights",
 ]
 
+log = logging.getLogger(__name__)
+
 Source = str | os.PathLike[str]
 
 
@@ -75,6 +79,9 @@ def check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
 
 
 def _vocabulary_problems(manifests: Sequence[Manifest], sources: Sequence[str]) -> list[str]:
+    """Different vocabulary sizes or shapes, as problems; different tokenizer files of the same
+    vocabulary size are only logged (a tokenizer saved again by another library version hashes
+    differently, and would otherwise refuse caches that agree token for token)."""
     first, where = manifests[0], sources[0]
     problems = []
     for m, src in zip(manifests[1:], sources[1:], strict=True):
@@ -88,9 +95,14 @@ def _vocabulary_problems(manifests: Sequence[Manifest], sources: Sequence[str]) 
             and m.tokenizer_fingerprint
             and m.tokenizer_fingerprint != first.tokenizer_fingerprint
         ):
-            problems.append(
-                f"vocabularies differ: {where} and {src} come from different tokenizers "
-                f"({first.tokenizer_fingerprint} vs {m.tokenizer_fingerprint})"
+            log.warning(
+                "%s and %s were made with different tokenizer files (%s vs %s) of the same "
+                "vocabulary size %d; the ensemble assumes their ids mean the same tokens",
+                where,
+                src,
+                first.tokenizer_fingerprint,
+                m.tokenizer_fingerprint,
+                m.vocab_size,
             )
         for name in ("num_rows", "seq_len"):
             a, b = getattr(first, name), getattr(m, name)

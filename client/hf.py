@@ -146,7 +146,9 @@ class KDTrainer(Trainer):
 
     ``kd``: the loss (default ``KDConfig()``). Other arguments are the Trainer's. The batch given
     to :meth:`compute_loss` holds the dataset's fields: ``row`` (B,), ``input_ids`` (B, T),
-    ``topk_*``, ``temperatures``, ``loss_mask`` (B, T) and ``hidden_<l>`` as asked.
+    ``topk_*``, ``temperatures``, ``loss_mask`` (B, T) and ``hidden_<l>`` as asked. An ensemble
+    dataset (``CacheDataset([a, b, ...], weights=...)``) works too: the KD term is then the
+    mixture loss of :mod:`kdcache.client.ensemble` (no hidden-state term).
     ``data_collator`` and ``remove_unused_columns`` do not apply to a CacheDataset.
     """
 
@@ -341,6 +343,12 @@ def _updates_per_epoch(batches: int, args: Any) -> int:
 
 
 def _check_fields(dataset: CacheDataset, kd: KDConfig) -> None:
+    if dataset.weights is not None and kd.uses_hidden:
+        raise ValueError(
+            f"KDConfig.layer_map asks for a hidden-state loss, but the CacheDataset is an "
+            f"ensemble of {len(dataset.sources)} caches, whose hidden states are per teacher "
+            "(teacher{j}_hidden_<l>); KDTrainer distils an ensemble's logits only"
+        )
     missing = [f for f in kd.fields() if f not in dataset.fields]
     if missing:
         raise ValueError(

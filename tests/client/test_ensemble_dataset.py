@@ -155,3 +155,43 @@ def test_resume_continues_the_ensemble_order(caches: dict[str, Any]) -> None:
     resumed = list(again)
     assert [int(s["row"]) for s in resumed] == rest and len(first) + len(rest) == ROWS
     assert all("teacher1_topk_logprobs" in s for s in resumed)
+
+
+def test_kdtrainer_distils_from_an_ensemble(caches: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from kdcache.client import LayerMap
+    from kdcache.client.hf import KDConfig, KDTrainer, causal_lm_loss
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Recording(KDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            seen.append(dict(inputs))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).double()
+    ds = CacheDataset([caches["a"], caches["b"]], fields=["input_ids", "topk"], weights=[1, 3])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
+    kd = KDConfig(temperature=2.0, alpha=0.25)
+    trainer = Recording(model=model, args=args, train_dataset=ds, kd=kd)
+    trainer.train()
+    assert len(seen) == 2 and seen[0]["teacher_weights"].shape == (4, 2)
+    batch = seen[-1]
+    with torch.no_grad():
+        got = trainer.compute_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"]).logits
+        mask = batch["loss_mask"]
+        want = 0.25 * causal_lm_loss(logits, batch["input_ids"], mask)
+        want = want + 0.75 * losses.kd_loss(logits, batch, 2.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    hidden = KDConfig(layer_map=LayerMap({1: 1}))
+    with pytest.raises(ValueError, match="ensemble of 2 caches"):
+        KDTrainer(model=model, args=args, train_dataset=ds, kd=hidden)
