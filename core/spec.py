@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,6 +294,8 @@ def _did_you_mean(model: Any, loc: tuple[Any, ...]) -> str:
         if part not in fields:
             return ""
         model = fields[part].annotation
+        # an optional section (``GenerateSpec | None``): its model's fields
+        model = next((a for a in typing.get_args(model) if hasattr(a, "model_fields")), model)
     known = list(getattr(model, "model_fields", {}))
     close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6) if loc else []
     if close:

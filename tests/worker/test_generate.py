@@ -238,6 +238,8 @@ def test_spec_errors_name_the_generate_fields(
         with pytest.raises(SpecError) as err:
             parse_spec(_spec(tiny_teacher_dir, prompts_jsonl, **gen))
         assert [p.field for p in err.value.problems] == [field], err.value.problems
+    typo = _spec(tiny_teacher_dir, prompts_jsonl, do_sample=True, temprature=0.5)
+    assert "did you mean 'temperature'?" in str(pytest.raises(SpecError, parse_spec, typo).value)
     assert "only apply with do_sample: true" in str(
         pytest.raises(SpecError, parse_spec, _spec(tiny_teacher_dir, prompts_jsonl, seed=2)).value
     )
