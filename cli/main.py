@@ -171,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     from kdcache.cli.cache_commands import add_commands
 
     add_commands(sub)
+    from kdcache.cli.plan_command import add_command as add_plan
+
+    add_plan(sub)
     _add_service_commands(sub)
     for command in sub.choices.values():  # -v after the sub-command too; help as plain text
         command.description = _plain(command.description)

@@ -60,7 +60,9 @@ class KDConfig:
 
     temperature: of the KD term (must be cached for ``tail="bucket"``/``"ignore"``).
     alpha: weight of the hard-label cross-entropy on the cached tokens, in [0, 1]; the KD term
-    gets ``1 - alpha``. divergence, tail: as in :func:`kdcache.client.losses.kd_loss`.
+    gets ``1 - alpha``. divergence, tail, targets: as in :func:`kdcache.client.losses.kd_loss`
+    (``targets``: ``"topk"``, ``"sample"``, ``"topk+sample"`` or None for kd_loss's default;
+    sampled targets estimate forward KL only).
     layer_map: (student layer, teacher layer) pairs for a hidden-state loss, or None for none;
     hidden_weight and hidden_kind (``"mse"``/``"cosine"``) weigh and choose it. The learned
     projections (student width -> teacher width) live in the model as ``kd_projector``, so DDP,
@@ -79,6 +81,7 @@ class KDConfig:
     layer_map: LayerMap | LearnedLayerMap | None = None
     hidden_weight: float = 1.0
     hidden_kind: str = "mse"
+    targets: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +96,13 @@ class KDConfig:
         ):
             if value not in choices:
                 problems.append(f"{name} must be one of {list(choices)}; got {value!r}")
+        if self.targets is not None and self.targets not in losses.TARGETS:
+            problems.append(f"targets must be one of {list(losses.TARGETS)}; got {self.targets!r}")
+        elif self.targets in ("sample", "topk+sample") and self.divergence != "forward_kl":
+            problems.append(
+                f"targets={self.targets!r} estimates forward KL only; got divergence "
+                f"{self.divergence!r}"
+            )
         if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
             problems.append(f"hidden_weight must be >= 0; got {self.hidden_weight!r}")
         if problems:
@@ -106,7 +116,13 @@ class KDConfig:
         """Dataset fields this configuration reads."""
         out = ["input_ids", "loss_mask"]
         if self.alpha < 1:
-            out += ["topk_logprobs", "topk_indices", "topk_logsumexp"]
+            kinds = (self.targets or "topk").split("+")
+            if "topk" in kinds:
+                out += ["topk_logprobs", "topk_indices", "topk_logsumexp"]
+            if "sample" in kinds:
+                out += ["sample_indices", "sample_counts", "sample_logprobs"]
+                if "topk" not in kinds and self.temperature != 1.0:
+                    out.append("topk_logsumexp")  # the normalisers that reweight the draws
         if self.uses_hidden and self.layer_map is not None:
             out += [f"hidden_{t}" for t in sorted(set(self.layer_map.teacher_layers))]
         return out
@@ -298,7 +314,13 @@ class KDTrainer(Trainer):
         parts: dict[str, Tensor] = {}
         if kd.alpha < 1:
             parts["kd_loss"] = losses.kd_loss(
-                logits, inputs, kd.temperature, kd.divergence, kd.tail, mask=mask
+                logits,
+                inputs,
+                kd.temperature,
+                kd.divergence,
+                kd.tail,
+                mask=mask,
+                targets=kd.targets,
             )
         if kd.alpha > 0:
             parts["ce_loss"] = causal_lm_loss(logits, inputs["input_ids"], mask)

@@ -114,7 +114,7 @@ def test_did_you_mean_for_commands_and_spec_keys(
 
 def test_help_has_no_docstring_markup() -> None:
     commands = ["run", "inspect", "verify", "report", "ls", "serve", "worker", "submit", "jobs"]
-    commands += ["cancel", "slurm"]
+    commands += ["cancel", "slurm", "plan"]
     for args in [[], *[[c] for c in commands]]:
         res = kdcache(*args, "--help")
         assert res.returncode == 0, (args, res.stderr)
