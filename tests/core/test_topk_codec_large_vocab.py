@@ -4,8 +4,6 @@ top-k total -8%; ids of a random-init teacher are incompressible beyond bit pack
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
