@@ -56,13 +56,17 @@ def _settings(sample_ns: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def write_caches(teacher: Path, tokens: Path, root: Path, sample_ns: Sequence[int]) -> dict:
+def write_caches(
+    teacher: Path, tokens: Path, root: Path, sample_ns: Sequence[int], only: Sequence[str] = ()
+) -> dict:
     """label -> (cache url, seconds); reuses complete caches under ``root``."""
     from kdcache.core.spec import parse_spec
     from kdcache.worker.runner import run_job
 
     out = {}
     for label, outputs in _settings(sample_ns):
+        if only and label not in only:
+            continue
         spec = {
             "name": f"storage-{label}",
             "teacher": {"hf": str(teacher), "dtype": "float32", "device": "cpu"},
@@ -122,7 +126,7 @@ def measure_errors(model: Any, rows: np.ndarray, caches: dict, sample_ns: Sequen
 
     opened = {label: TeacherCache(url) for label, (url, _) in caches.items()}
     sums: dict[str, list[torch.Tensor]] = {}
-    sample_of = {n: label for (label, o), n in _sample_labels(sample_ns)}
+    sample_of = {n: lab for (lab, _), n in _sample_labels(sample_ns) if lab in caches}
     for start in range(0, len(rows), 32):
         idx = np.arange(start, min(start + 32, len(rows)))
         true_lp = teacher_logprobs(model, rows[idx])
@@ -250,6 +254,8 @@ def table(caches: dict, errors: dict, sample_ns: Sequence[int]) -> list[str]:
         lines.append(_row(label, parts, f"KL {kl.mean():.2e}", f"max {kl.max():.1e}"))
     tail = errors["tail64"]
     for (label, _), n in _sample_labels(sample_ns):
+        if label not in caches:
+            continue
         url = caches[label][0]
         sizes, tok = array_bytes(url), _tokens(url)
         parts = {a.split("/")[1]: b / tok for a, b in sizes.items() if a.startswith("sample/")}
@@ -275,6 +281,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, help="when training the teacher (default 600)")
     p.add_argument("--root", help="where the caches go (default: a temporary directory)")
     p.add_argument("--samples", default="16,32,64", help="draws per position to measure")
+    p.add_argument("--settings", default="", help="only these caches (labels, comma-separated)")
     p.add_argument("--student-steps", type=int, default=300, help="0: no students")
     p.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -301,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         np.save(tokens, train)
         print(f"teacher {teacher} (vocab {model.config.vocab_size}); "
               f"{train.shape[0]} x {train.shape[1]} tokens cached", flush=True)  # fmt: skip
-        caches = write_caches(teacher, tokens, root, sample_ns)
+        only = [x for x in args.settings.split(",") if x]
+        caches = write_caches(teacher, tokens, root, sample_ns, only)
         errors = measure_errors(model, train, caches, sample_ns)
         lines = table(caches, errors, sample_ns)
         print("\n".join(lines), flush=True)

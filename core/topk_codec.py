@@ -9,9 +9,12 @@ attribute ``coding`` names the transform and :func:`decode_logprobs` undoes it):
                                        log-probs are sorted descending, so bits rise and deltas
                                        are small: bit-exact, about half the bytes after zstd
     q8 | q4   (N, T, 4 + k)  uint8     bytes 0..3: the first and last log-prob (two float16);
-                                       then k codes of ``round(levels * (lp0 - lp) / (lp0 -
+                                       then k codes of ``ceil(levels * (lp0 - lp) / (lp0 -
                                        lp_last))`` in 0..255 / 0..15, delta-coded along k
-                                       (lossy; error at most (lp0 - lp_last) / (2 * levels))
+                                       (lossy: each decoded value is at most the true one and
+                                       at most (lp0 - lp_last) / levels below it, so the
+                                       decoded top-k never holds more mass than the teacher's
+                                       and the tail bucket 1 - sum stays positive)
 
 Indices are never coded (exact ids, the smallest integer type); the writer stores them with
 Blosc's bit shuffle instead of byte shuffle, which removes the unused high bits of every id.
@@ -66,7 +69,9 @@ def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
     x = np.divide(
         top - lp.astype(np.float32), span, out=np.zeros(lp.shape, np.float32), where=span > 0
     )
-    codes = np.rint(np.clip(x, 0.0, 1.0) * levels).astype(np.uint8)
+    # rounded up (towards lower log-probs): rounding to nearest could push the decoded mass
+    # over 1 where the tail is tiny, and an empty tail bucket is an unbounded KL
+    codes = np.ceil(np.clip(x, 0.0, 1.0) * levels - 1e-4).astype(np.uint8)
     deltas = codes.copy()
     deltas[..., 1:] = codes[..., 1:] - codes[..., :-1]
     return np.concatenate([ends.view(np.uint8), deltas], axis=-1)
