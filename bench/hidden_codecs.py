@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Bytes and error of each ``outputs.hidden_codec`` on the demo teacher, and the demo students.
 
-For every codec this writes the demo's cache (top-32, temperatures 1 and 2, ``uniform:2``
-hidden layers) with ``kdcache``'s embedded runner, then prints one table, side by side:
+The teacher runs once (``kdcache``'s embedded runner: the demo's job, top-32, temperatures 1
+and 2, ``uniform:2`` hidden layers, kept in float32); every codec's cache is then written from
+those float32 states with the worker's own coding (``worker.hidden_coding.encode_hidden``, the
+basis fitted on the first rows as a worker does), so it holds the bytes a teacher pass with
+that ``hidden_codec`` writes, without running the teacher again. One table, side by side:
 
 - hidden bytes/token: the stored bytes of ``hidden/``, ``hidden_scale/`` and ``hidden_pca/``
   (every file, Zarr metadata and the pca basis included) over the cached tokens, and the ratio
@@ -17,7 +20,8 @@ dir with tokenizer), ``DIR/train.npy`` and ``DIR/heldout.npy`` (what ``bench/sto
 trains at vocab 2048); without it, ``examples/demo.py``'s own teacher is trained into ``--out``
 (once). ``measure()`` is the reusable part.
 
-Usage: ``python bench/hidden_codecs.py [--teacher-dir DIR] [--out DIR] [--students]``
+Usage: ``python bench/hidden_codecs.py [--teacher-dir DIR] [--out DIR] [--students]
+[--student-codecs exact,int8,pca:32] [--kd-baseline]``
 """
 
 from __future__ import annotations
@@ -111,11 +115,55 @@ def rel_errors(cache: str, ref: dict[int, np.ndarray]) -> np.ndarray:
     return np.concatenate([e.reshape(-1) for e in errs])
 
 
+def recode(ref_url: str, spec: Any, root: Path) -> str:
+    """Write ``spec``'s cache (same job, another hidden codec) from the float32 cache at
+    ``ref_url``, coding its hidden states as a worker would; returns the cache's path."""
+    from kdcache.core.format import hidden_array
+    from kdcache.core.hidden_basis import write_basis
+    from kdcache.core.hidden_codec import fit_pca, parse_hidden_codec, pca_fit_rows, to_storage
+    from kdcache.core.layout import cache_url
+    from kdcache.core.reader import CacheReader
+    from kdcache.core.resolve import resolve_job
+    from kdcache.core.writer import CacheWriter
+    from kdcache.worker.hidden_coding import encode_hidden
+
+    ref = CacheReader(ref_url)
+    codec = parse_hidden_codec(spec.outputs.hidden_codec)
+    m = replace(
+        ref.manifest,
+        cache_id=resolve_job(spec).cache_id,
+        name=spec.name,
+        hidden_dtype=spec.outputs.hidden_dtype,
+        hidden_codec=codec.name,
+        format_version=1 if codec.kind == "exact" else 2,
+    )
+    writer = CacheWriter.open(cache_url(root, m.cache_id), m)
+    if not writer.missing_shards():
+        return writer.storage.url
+    basis = None
+    if codec.kind == "pca":
+        n = pca_fit_rows(codec.rank, m.num_rows, m.seq_len)
+        basis = {
+            layer: fit_pca(ref.read(hidden_array(layer), slice(0, n)), codec.rank)
+            for layer in m.hidden_layers
+        }
+        write_basis(writer.group, writer.storage, m, basis, n)
+    for shard in writer.missing_shards():
+        lo, hi = m.shard_rows(shard)
+        data = {a.name: ref.read(a.name, slice(lo, hi)) for a in ref.manifest.arrays()}
+        if codec.kind == "exact":
+            for layer in m.hidden_layers:
+                data[hidden_array(layer)] = to_storage(data[hidden_array(layer)], m.hidden_dtype)
+        encode_hidden(data, m, basis)
+        writer.commit(writer.write_shard(shard, data))
+    return writer.storage.url
+
+
 def measure(
     teacher_dir: Path, train: np.ndarray, codecs: Sequence[str], work: Path
 ) -> list[dict[str, Any]]:
     """One row per codec: hidden bytes/token, ratio to bfloat16 exact, relative error (mean,
-    p99), the cache path and seconds of the teacher pass."""
+    p99), the cache path and the seconds coding took."""
     from kdcache.core.reader import CacheReader
     from kdcache.worker.runner import run_job
 
@@ -133,7 +181,7 @@ def measure(
     rows = []
     for codec in codecs:
         t0 = time.perf_counter()
-        cache = run_job(cache_spec(teacher_dir, tokens, codec), root)
+        cache = recode(ref_cache, cache_spec(teacher_dir, tokens, codec), root)
         seconds = time.perf_counter() - t0
         err = rel_errors(cache, ref)
         rows.append(
@@ -153,7 +201,12 @@ def measure(
 
 
 def students(
-    rows: list[dict[str, Any]], train: np.ndarray, val: np.ndarray, steps: int, seed: int
+    rows: list[dict[str, Any]],
+    train: np.ndarray,
+    val: np.ndarray,
+    steps: int,
+    seed: int,
+    kd_baseline: bool = False,
 ) -> dict[str, float]:
     """Held-out loss of the demo's kd+hidden student per codec, and of a kd-only student."""
     import torch
@@ -166,7 +219,7 @@ def students(
     held = {}
     for r in rows:
         cache = TeacherCache(r["cache"])
-        modes = ["kd", "kd+hidden"] if r["codec"] == "exact" else ["kd+hidden"]
+        modes = ["kd", "kd+hidden"] if r["codec"] == "exact" and kd_baseline else ["kd+hidden"]
         for mode in modes:
             torch.manual_seed(seed)
             student = demo.train_student(mode, cache, sizes, order, seed + 3)
@@ -183,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--students", action="store_true", help="train the demo students too")
     p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--student-codecs", help="codecs to train students for (default: all)")
+    p.add_argument("--kd-baseline", action="store_true", help="also a kd-only student")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     import transformers
@@ -198,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     rows = measure(teacher_dir, train, args.codecs.split(","), Path(args.out))
-    held = students(rows, train, val, args.student_steps, args.seed) if args.students else {}
+    picked = args.student_codecs.split(",") if args.student_codecs else args.codecs.split(",")
+    held = {}
+    if args.students:
+        chosen = [r for r in rows if r["codec"] in picked]
+        held = students(chosen, train, val, args.student_steps, args.seed, args.kd_baseline)
     print(
         "\n| hidden_codec | hidden bytes/token (2 layers) | vs bf16 exact | rel. error mean "
         "| rel. error p99 |" + (" student held-out loss |" if held else "")
@@ -210,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['rel_err_mean']:.2e} | {r['rel_err_p99']:.2e} |"
         )
         if held:
-            line += f" {held[r['codec']]:.4f} |"
+            line += f" {held[r['codec']]:.4f} |" if r["codec"] in held else " |"
         print(line)
     if "kd (no hidden)" in held:
         print(f"| (kd student, no hidden loss) | | | | | {held['kd (no hidden)']:.4f} |")

@@ -414,4 +414,8 @@ def _projector_for(model: nn.Module, layer_map: LayerMap, dataset: Any) -> Hidde
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if width is None:
         raise ValueError(f"cannot tell the student's width from {type(model).__name__}.config")
-    return HiddenProjector(layer_map, int(width), dataset.manifest.hidden_size)
+    m = dataset.manifest  # a pca:R cache's codes are R wide unless decoded to full width
+    teacher_width = m.hidden_size if dataset.decode_hidden else m.hidden_width
+    if teacher_width is None:
+        raise ValueError("the cache's manifest has hidden layers but no hidden width")
+    return HiddenProjector(layer_map, int(width), teacher_width)

@@ -269,7 +269,10 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         coding = "" if codec.kind == "exact" else codec.name
         for layer in m.hidden_layers:
             row = (t, codec.width(m.hidden_size))
-            out.append(ArraySpec(hidden_array(layer), row, stored, logical, coding))
+            # int8 codes near zero share their high (sign) bits: bit shuffle stores ~10% fewer
+            # bytes than byte shuffle (measured by bench/hidden_codecs.py); fp8 does better without
+            shuffle = "bitshuffle" if codec.kind == "int8" else "shuffle"
+            out.append(ArraySpec(hidden_array(layer), row, stored, logical, coding, shuffle))
             if codec.scaled:
                 out.append(ArraySpec(scale_array(layer), (t,), "float32", "float32"))
     if m.sample_draws:

@@ -96,7 +96,8 @@ def build_student(args: argparse.Namespace, dataset: CacheDataset, layer_map: La
     model = LlamaForCausalLM(config)
     if m.hidden_size is None:
         raise SystemExit("this example needs a cache with hidden layers")
-    return Student(model, HiddenProjector(layer_map, args.student_dim, m.hidden_size))
+    # hidden_width: d, or R for a pca:R cache (whose batches carry R-wide codes)
+    return Student(model, HiddenProjector(layer_map, args.student_dim, m.hidden_width))
 
 
 def mean_across_ranks(value: Tensor, world: int) -> float:

@@ -257,3 +257,20 @@ def test_report_norms_decode_the_codes(caches: dict[str, str], codec: str) -> No
     tol = 0.02 if codec in ("int8", "fp8") else 0.5  # pca:8 of d=32 keeps most of the norm
     for layer in coded:
         assert coded[layer]["mean"] == pytest.approx(exact[layer]["mean"], rel=tol)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_kd_trainer_projects_into_the_pca_basis(caches: dict[str, str], decode: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdcache.client.hf import KDConfig, _attach_projector
+
+    ds = CacheDataset(caches[f"pca:{RANK}"], fields=["input_ids", "hidden"], decode_hidden=decode)
+    cfg = LlamaConfig(
+        vocab_size=320, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    _attach_projector(model, KDConfig(layer_map=LayerMap({1: 1, 2: 2})), ds)
+    proj = model.kd_projector[1]
+    assert (proj.in_features, proj.out_features) == (24, 32 if decode else RANK)
