@@ -274,3 +274,15 @@ def test_kd_trainer_projects_into_the_pca_basis(caches: dict[str, str], decode: 
     _attach_projector(model, KDConfig(layer_map=LayerMap({1: 1, 2: 2})), ds)
     proj = model.kd_projector[1]
     assert (proj.in_features, proj.out_features) == (24, 32 if decode else RANK)
+
+
+def test_pca_rank_above_the_teacher_width_is_refused(
+    tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    from kdcache.core.errors import SpecError
+
+    with pytest.raises(SpecError) as err:
+        resolve_job(parse_spec(_spec(tiny_teacher_dir, tokens_npy, "pca:33")))
+    [problem] = err.value.problems
+    assert problem.field == "outputs.hidden_codec" and "hidden width 32" in problem.message
+    assert resolve_job(parse_spec(_spec(tiny_teacher_dir, tokens_npy, "pca:32"))).cache_id
