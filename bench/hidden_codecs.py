@@ -216,16 +216,15 @@ def students(
     demo = demo_module()
     sizes = replace(demo.FULL, student_steps=steps)
     order = demo.batches(len(train), sizes.batch, steps, seed + 2)
+    runs = [("kd+hidden", r["codec"], r["cache"]) for r in rows]
+    if kd_baseline and rows:
+        runs.append(("kd", "kd (no hidden)", rows[0]["cache"]))
     held = {}
-    for r in rows:
-        cache = TeacherCache(r["cache"])
-        modes = ["kd", "kd+hidden"] if r["codec"] == "exact" and kd_baseline else ["kd+hidden"]
-        for mode in modes:
-            torch.manual_seed(seed)
-            student = demo.train_student(mode, cache, sizes, order, seed + 3)
-            key = r["codec"] if mode == "kd+hidden" else "kd (no hidden)"
-            held[key] = demo.heldout_loss(student, val)
-            print(f"  student {mode:<10} {key:<16} held-out {held[key]:.4f}", flush=True)
+    for mode, key, path in runs:
+        torch.manual_seed(seed)
+        student = demo.train_student(mode, TeacherCache(path), sizes, order, seed + 3)
+        held[key] = demo.heldout_loss(student, val)
+        print(f"  student {mode:<10} {key:<16} held-out {held[key]:.4f}", flush=True)
     return held
 
 
@@ -253,11 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     rows = measure(teacher_dir, train, args.codecs.split(","), Path(args.out))
+    print_table(rows, {})
     picked = args.student_codecs.split(",") if args.student_codecs else args.codecs.split(",")
-    held = {}
     if args.students:
-        chosen = [r for r in rows if r["codec"] in picked]
+        chosen = [next(r for r in rows if r["codec"] == c) for c in picked]
         held = students(chosen, train, val, args.student_steps, args.seed, args.kd_baseline)
+        print_table(rows, held)
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], held: dict[str, float]) -> None:
     print(
         "\n| hidden_codec | hidden bytes/token (2 layers) | vs bf16 exact | rel. error mean "
         "| rel. error p99 |" + (" student held-out loss |" if held else "")
@@ -273,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     if "kd (no hidden)" in held:
         print(f"| (kd student, no hidden loss) | | | | | {held['kd (no hidden)']:.4f} |")
-    return 0
+    print(flush=True)
 
 
 if __name__ == "__main__":
