@@ -229,12 +229,25 @@ def new_fleet(
     return Fleet(root=base / "root", logs=logs, env=full_env)
 
 
-def embedded_cache(spec: dict[str, Any], root: Path) -> str:
-    """The cache ``kdcache run`` makes of ``spec`` (in this process), as a directory."""
+def embedded_cache(spec: dict[str, Any], root: Path, *, threads: int | None = None) -> str:
+    """The cache ``kdcache run`` makes of ``spec`` (in this process), as a directory.
+
+    ``threads``: torch's intra-op threads for the run, to match workers started with
+    ``OMP_NUM_THREADS``: a float32 sum over the vocabulary split over another number of threads
+    rounds differently in the last bit, so bit-equal caches need the same thread count.
+    """
+    import torch
+
     from kdcache.core.spec import parse_spec
     from kdcache.worker.runner import run_job
 
-    return run_job(parse_spec(spec), root)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return run_job(parse_spec(spec), root)
+    finally:
+        torch.set_num_threads(before)
 
 
 def assert_same_cache(got: str, want: str) -> None:
