@@ -47,7 +47,8 @@ def make():
     model = AutoModelForCausalLM.from_pretrained(Path(__file__).with_name("teacher"))
     delay = float(os.environ.get("KDCACHE_TEST_SLEEP", "0"))
     if delay > 0:
-        model.register_forward_pre_hook(lambda *_: time.sleep(delay))
+        # on the body: kdcache's fused head runs the body alone, never the wrapper's forward
+        model.base_model.register_forward_pre_hook(lambda *_: time.sleep(delay))
     return model
 '''
 
