@@ -85,7 +85,9 @@ class CacheReader:
         self.url = str(url)
         self.storage = storage or open_storage(self.url, storage_options)
         try:
-            self.group = zarr.open_group(self.storage.zarr_store(read_only=True), mode="r")
+            self.group = zarr.open_group(
+                self.storage.zarr_store(read_only=True), mode="r", zarr_format=3
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, json.JSONDecodeError) as err:
             raise CacheNotFoundError(f"no kdcache cache at {self.url}: {err}") from None
         self.manifest = load_manifest(self.group, self.url)

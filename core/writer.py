@@ -115,7 +115,7 @@ class CacheWriter:
         storage = open_storage(url, storage_options)
         store = storage.zarr_store(read_only=False)
         try:
-            group = zarr.open_group(store, mode="r+")
+            group = zarr.open_group(store, mode="r+", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             group = None
         if group is not None:
