@@ -15,6 +15,9 @@ attribute ``coding`` names the transform and :func:`decode_logprobs` undoes it):
                                        at most (lp0 - lp_last) / levels below it, so the
                                        decoded top-k never holds more mass than the teacher's
                                        and the tail bucket 1 - sum stays positive)
+    q8c | q6c (N, T, 4 + k)  uint8     q8's layout, codes companded (steps uniform in p**(1/3))
+    q4c | q3c                          and rounded with mass feedback: several times less KL
+                                       at the same bytes (core.topk_companded)
 
 Indices are never coded (exact ids, the smallest integer type); the writer stores them with
 Blosc's bit shuffle instead of byte shuffle, which removes the unused high bits of every id.
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdcache.core.topk_companded import COMPANDED_LEVELS, decode_companded, encode_companded
+
 __all__ = [
     "TOPK_CODECS",
     "decode_logprobs",
@@ -31,7 +36,7 @@ __all__ = [
     "logprobs_storage",
 ]
 
-TOPK_CODECS: tuple[str, ...] = ("fp16", "lossless", "q8", "q4")
+TOPK_CODECS: tuple[str, ...] = ("fp16", "lossless", "q8", "q4", *COMPANDED_LEVELS)
 _LEVELS = {"q8": 255, "q4": 15}
 
 
@@ -61,6 +66,8 @@ def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
         out = bits.copy()
         out[..., 1:] = bits[..., 1:] - bits[..., :-1]  # wraps mod 2**16: always invertible
         return out
+    if codec in COMPANDED_LEVELS:
+        return encode_companded(lp, codec)
     levels = _LEVELS[codec]
     lp = np.nan_to_num(lp, neginf=float(np.finfo(np.float16).min))  # zero mass: the lowest float16
     ends = np.stack([lp[..., 0], lp[..., -1]], axis=-1)  # (..., 2) float16, kept exact
@@ -78,12 +85,14 @@ def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
 
 
 def decode_logprobs(stored: np.ndarray, codec: str) -> np.ndarray:
-    """The stored array -> (..., k) log-probs: float16 (fp16, lossless), float32 (q8, q4)."""
+    """The stored array -> (..., k) log-probs: float16 (fp16, lossless), float32 (the lossy)."""
     _require(codec)
     if codec == "fp16":
         return stored
     if codec == "lossless":
         return np.cumsum(stored, axis=-1, dtype=np.uint16).view(np.float16)
+    if codec in COMPANDED_LEVELS:
+        return decode_companded(stored, codec)
     levels = _LEVELS[codec]
     raw = np.ascontiguousarray(stored, dtype=np.uint8)
     ends = raw[..., :4].copy().view(np.float16).astype(np.float32)  # (..., 2)
