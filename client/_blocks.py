@@ -34,6 +34,7 @@ TENSOR_DTYPES: dict[str, np.dtype[Any]] = {
     "sample_indices": np.dtype(np.int64),
     "sample_counts": np.dtype(np.int64),
     "sample_logprobs": np.dtype(np.float32),
+    "sample_logprob_sums": np.dtype(np.float32),
 }
 
 

@@ -11,7 +11,9 @@ before the ``loss_mask`` array existed reads as true everywhere but the last pos
 (:func:`default_loss_mask`).
 
 ``sample_indices`` (T, m) int64, ``sample_counts`` (T, m) int64 and ``sample_logprobs`` (T, m)
-float32 (the teacher's draws at t=1; ``temperatures`` and ``loss_mask`` come with them too).
+float32 (the teacher's draws at t=1; ``temperatures`` and ``loss_mask`` come with them too);
+a cache written with ``outputs.sample_logprobs: false`` has ``sample_logprob_sums`` (T, 2) float32
+in place of ``sample_logprobs`` (t=1 estimates only).
 
 Coded hidden states (``outputs.hidden_codec``): int8 and fp8 decode to (T, d) float32 (the
 per-token scale array is read alongside, under the internal key ``hidden_<layer>.scale``);
@@ -34,6 +36,7 @@ from kdcache.core.format import (
     ARRAY_LOSS_MASK,
     ARRAY_SAMPLE_COUNTS,
     ARRAY_SAMPLE_INDICES,
+    ARRAY_SAMPLE_LOGPROB_SUMS,
     ARRAY_SAMPLE_LOGPROBS,
     Manifest,
     hidden_array,
@@ -53,6 +56,7 @@ __all__ = [
     "arrays_for",
     "default_loss_mask",
     "expand_fields",
+    "sample_keys",
     "stored_arrays",
     "to_tensors",
 ]
@@ -66,10 +70,18 @@ SAMPLE_KEYS = {
     "sample_indices": ARRAY_SAMPLE_INDICES,
     "sample_counts": ARRAY_SAMPLE_COUNTS,
     "sample_logprobs": ARRAY_SAMPLE_LOGPROBS,
+    "sample_logprob_sums": ARRAY_SAMPLE_LOGPROB_SUMS,
 }
 LOSS_MASK = "loss_mask"
 SCALE_SUFFIX = ".scale"
 """Internal key suffix of a hidden field's per-token scales (never in a batch)."""
+
+
+def sample_keys(manifest: Manifest) -> list[str]:
+    """The batch keys of a cache's draws: indices, counts, and the draws' log-probs or, for a
+    cache written with ``outputs.sample_logprobs: false``, their per-position sums."""
+    last = "sample_logprobs" if manifest.sample_logprobs else "sample_logprob_sums"
+    return ["sample_indices", "sample_counts", last]
 
 
 def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]:
@@ -85,7 +97,7 @@ def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]
     available.append(LOSS_MASK)
     available += [f"hidden_{layer}" for layer in manifest.hidden_layers]
     if manifest.sample_draws:
-        available += list(SAMPLE_KEYS)
+        available += sample_keys(manifest)
     if fields is None:
         return available
     out: list[str] = []
@@ -93,7 +105,7 @@ def expand_fields(manifest: Manifest, fields: Iterable[str] | None) -> list[str]
         if f == "topk" and manifest.topk:
             names = [*TOPK_KEYS, LOSS_MASK]
         elif f == "sample" and manifest.sample_draws:
-            names = [*SAMPLE_KEYS, LOSS_MASK]
+            names = [*sample_keys(manifest), LOSS_MASK]
         elif f == "hidden":
             names = [f"hidden_{layer}" for layer in manifest.hidden_layers]
         elif f in available:
@@ -146,7 +158,7 @@ def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
         return torch.from_numpy(data.astype(np.int64, copy=False))
     if field == "topk_logprobs" and manifest.topk_codec != "fp16":
         data = decode_logprobs(data, manifest.topk_codec)
-    if field in ("topk_logprobs", "topk_logsumexp", "sample_logprobs"):
+    if field in ("topk_logprobs", "topk_logsumexp", "sample_logprobs", "sample_logprob_sums"):
         return torch.from_numpy(data.astype(np.float32, copy=False))
     if field == LOSS_MASK:
         return torch.from_numpy(data.astype(np.bool_, copy=False))

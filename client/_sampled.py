@@ -14,6 +14,12 @@ the top-k terms exactly and estimates only the rest from the draws outside the t
     sum_{v in K} q_t(v) (log q_t(v) - log p_t(v))
       + sum_i (c_i / N) [x_i not in K] w(x_i) (log q_t(x_i) - log p_t(x_i))
 
+A cache written with ``outputs.sample_logprobs: false`` keeps, instead of ``log q_1(x_i)`` per
+draw, the two sums ``sum_i (c_i / N) log q_1(x_i)`` over all draws and over the draws outside the
+top-k (``sample_logprob_sums``): at t=1 the teacher's side of both estimates is exactly that
+sum, and the student's side needs only ids and counts, so the estimates are the same numbers.
+Other temperatures need each draw's weight ``w(x_i)`` and are refused for such a cache.
+
 Reverse KL and JSD weigh classes by the student's probabilities (or a mixture), which draws from
 the teacher cannot estimate without bias, so they are refused.
 """
@@ -44,8 +50,14 @@ def resolve_targets(batch: Mapping[str, Any], targets: str | None) -> str:
 def _sample_inputs(
     student_logits: Tensor, batch: Mapping[str, Any]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(indices int64, counts, logprobs) of the draws, validated against the student's shape."""
-    missing = [k for k in ("sample_indices", "sample_counts", "sample_logprobs") if k not in batch]
+    """(indices int64, counts, logprobs) of the draws, validated against the student's shape.
+
+    Without ``sample_logprobs`` (a cache that keeps ``sample_logprob_sums``) the third is the
+    (B, T, 2) sums instead."""
+    teacher = "sample_logprobs" if "sample_logprobs" in batch else "sample_logprob_sums"
+    missing = [k for k in ("sample_indices", "sample_counts") if k not in batch]
+    if teacher not in batch:
+        missing.append("sample_logprobs")
     if missing:
         raise KeyError(
             f"targets with samples need {missing} in the batch (a cache written with "
@@ -54,17 +66,18 @@ def _sample_inputs(
     dev = student_logits.device
     ids = torch.as_tensor(batch["sample_indices"]).to(dev, torch.int64)
     counts = torch.as_tensor(batch["sample_counts"]).to(dev)
-    logprobs = torch.as_tensor(batch["sample_logprobs"]).detach().to(dev)
+    logprobs = torch.as_tensor(batch[teacher]).detach().to(dev)
     b, t, v = student_logits.shape
     if ids.dim() != 3 or tuple(ids.shape[:2]) != (b, t):
         raise ValueError(
             f"sample_indices has shape {tuple(ids.shape)}; expected (B, T, m) with (B, T) = "
             f"{(b, t)} of student_logits {tuple(student_logits.shape)}"
         )
-    if counts.shape != ids.shape or logprobs.shape != ids.shape:
+    want = ids.shape if teacher == "sample_logprobs" else (*ids.shape[:2], 2)
+    if counts.shape != ids.shape or logprobs.shape != want:
         raise ValueError(
-            f"sample_counts {tuple(counts.shape)} and sample_logprobs {tuple(logprobs.shape)} "
-            f"must have the shape of sample_indices {tuple(ids.shape)}"
+            f"sample_counts {tuple(counts.shape)} and {teacher} {tuple(logprobs.shape)} "
+            f"must have the shapes {tuple(ids.shape)} and {tuple(want)}"
         )
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
         raise ValueError(f"sample_indices hold ids outside the student's vocabulary of {v}")
@@ -119,6 +132,10 @@ def sampled_kd_loss(
     lp1 = lp1.to(dtype)
     scaled = student_logits.to(dtype) / t
     log_p = scaled.gather(-1, ids) - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    if "sample_logprobs" not in batch:
+        return _from_sums(
+            student_logits, batch, t, dtype, (ids, counts, lp1, log_p), mask, hybrid, exact_topk
+        )
     log_q = _log_q_t(batch, lp1, t, dtype, lse_index)
     weight = counts.to(dtype) / counts.sum(-1, keepdim=True).clamp(min=1).to(dtype)
     if t != 1.0:
@@ -133,6 +150,37 @@ def sampled_kd_loss(
     terms = weight * (log_q - log_p)
     per_position = per_position + terms.sum(-1)
     return t**2 * masked_mean(per_position, mask)
+
+
+def _from_sums(
+    student_logits: Tensor,
+    batch: Mapping[str, Any],
+    t: float,
+    dtype: torch.dtype,
+    draws: tuple[Tensor, Tensor, Tensor, Tensor],
+    mask: Tensor | None,
+    hybrid: bool,
+    exact_topk: Any,
+) -> Tensor:
+    """The t=1 estimates from ``sample_logprob_sums`` (module docstring); a scalar."""
+    if t != 1.0:
+        raise ValueError(
+            f"sampled targets at temperature {t:g} need each draw's log-probability "
+            "(sample_logprobs), and this cache keeps only their sums (it was written with "
+            "outputs.sample_logprobs: false): use temperature 1.0, or targets='topk'"
+        )
+    ids, counts, sums, log_p = draws
+    weight = counts.to(dtype) / counts.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+    teacher_side = sums[..., 0]
+    per_position = torch.zeros(ids.shape[:2], dtype=dtype, device=ids.device)
+    if hybrid:
+        exact, topk_ids = exact_topk(student_logits, batch, t, dtype)
+        in_topk = (ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+        weight = weight.masked_fill(in_topk, 0.0)
+        teacher_side = sums[..., 1]
+        per_position = per_position + exact
+    per_position = per_position + teacher_side - (weight * log_p).sum(-1)
+    return masked_mean(per_position, mask)
 
 
 def exact_topk_terms(log_q: Tensor, log_p: Tensor) -> Tensor:

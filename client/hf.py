@@ -371,7 +371,10 @@ def _check_fields(dataset: CacheDataset, kd: KDConfig) -> None:
             f"ensemble of {len(dataset.sources)} caches, whose hidden states are per teacher "
             "(teacher{j}_hidden_<l>); KDTrainer distils an ensemble's logits only"
         )
-    missing = [f for f in kd.fields() if f not in dataset.fields]
+    have = set(dataset.fields)
+    if "sample_logprob_sums" in have and kd.temperature == 1.0:
+        have.add("sample_logprobs")  # their sums serve at t=1 (outputs.sample_logprobs: false)
+    missing = [f for f in kd.fields() if f not in have]
     if missing:
         raise ValueError(
             f"KDTrainer with {kd} needs the dataset fields {missing}; the CacheDataset has "

@@ -12,6 +12,8 @@ the teacher's prediction of token j+1::
     sample/indices   (N, T, m)       index dtype: unique ids drawn from the teacher at t=1
     sample/counts    (N, T, m)       uint8 | uint16: how often each was drawn, 0 = padding
     sample/logprobs  (N, T, m)       float16   z_v - lse_1 of each drawn id (0 on padding)
+    sample/logprob_sums (N, T, 2)    float32   instead of sample/logprobs when
+                                               ``outputs.sample_logprobs`` is false (see below)
 
 With ``outputs.hidden_codec`` other than ``exact`` (format v2), ``hidden/<layer>`` holds codes and
 ``hidden_scale/<layer>`` or ``hidden_pca/<layer>/{basis,mean}`` what decodes them
@@ -78,6 +80,11 @@ ARRAY_SAMPLE_COUNTS = "sample/counts"
 """(N, T, m): how often each of ``sample/indices`` was drawn; 0 = padding (issue 9)."""
 ARRAY_SAMPLE_LOGPROBS = "sample/logprobs"
 """(N, T, m) float16: the teacher's exact log-probability at t=1 of each drawn id (issue 9)."""
+ARRAY_SAMPLE_LOGPROB_SUMS = "sample/logprob_sums"
+"""(N, T, 2) float32, the draws' teacher side of the t=1 forward KL without a log-prob per draw:
+``sum_i (c_i / N) log q_1(x_i)`` over all draws [0] and over the draws outside the cached top-k
+[1] (all draws without top-k), summed from the float16 log-probs sample/logprobs would hold, so
+the t=1 estimates equal those of a cache with them. A third of the sampled bytes (issue 9)."""
 CHUNK_TARGET_BYTES = 1 << 20
 ROW_CHUNK_BYTES = 64 << 10
 HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
@@ -174,6 +181,8 @@ class Manifest:
     codecs: dict[str, Any] = field(default_factory=dict)
     sample_draws: int = 0
     sample_seed: int = 0
+    sample_logprobs: bool = True
+    """``sample/logprobs`` per draw (any cached temperature), else ``sample/logprob_sums`` (t=1)."""
     loss_mask: bool = False
     """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
     topk_codec: str = "fp16"
@@ -280,6 +289,9 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         out += [
             ArraySpec(ARRAY_SAMPLE_INDICES, (t, w), m.index_dtype, m.index_dtype),
             ArraySpec(ARRAY_SAMPLE_COUNTS, (t, w), counts, counts),
-            ArraySpec(ARRAY_SAMPLE_LOGPROBS, (t, w), "float16", "float16"),
         ]
+        if m.sample_logprobs:
+            out.append(ArraySpec(ARRAY_SAMPLE_LOGPROBS, (t, w), "float16", "float16"))
+        else:
+            out.append(ArraySpec(ARRAY_SAMPLE_LOGPROB_SUMS, (t, 2), "float32", "float32"))
     return out

@@ -117,6 +117,8 @@ class JobPlan:
             identity.update(hidden_codec=out.hidden_codec)
         if out.sample_draws:
             identity.update(sample_draws=out.sample_draws, sample_seed=out.sample_seed)
+            if not out.sample_logprobs:
+                identity.update(sample_logprobs=False)
         if self.spec.generate is not None:
             identity.update(generate=self.spec.generate.identity)
         return identity

@@ -159,6 +159,11 @@ class OutputSpec(_Model):
         0, ge=0, le=65535, description="draws per position from the teacher at t=1; 0 = off"
     )
     sample_seed: int = Field(0, ge=0, lt=1 << 63, description="seed of the draws (per row)")
+    sample_logprobs: bool = Field(
+        True,
+        description="keep each draw's log-probability (sampled targets at any cached "
+        "temperature); false: two sums per position instead, t=1 only, ~half the sampled bytes",
+    )
     topk_codec: TopkCodec = Field(
         "fp16",
         description="fp16 (format v1) | lossless (format v2: the same fp16 values and ids in "

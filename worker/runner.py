@@ -23,9 +23,14 @@ import numpy as np
 
 from kdcache.core.errors import Problem, SpecError
 from kdcache.core.format import (
+    ARRAY_INDICES,
     ARRAY_INPUT_IDS,
     ARRAY_LOGPROBS,
     ARRAY_LOSS_MASK,
+    ARRAY_SAMPLE_COUNTS,
+    ARRAY_SAMPLE_INDICES,
+    ARRAY_SAMPLE_LOGPROB_SUMS,
+    ARRAY_SAMPLE_LOGPROBS,
     Manifest,
     index_dtype,
 )
@@ -40,6 +45,7 @@ from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
 from kdcache.worker.hidden_coding import BasisHolder, encode_hidden
 from kdcache.worker.progress import Progress
+from kdcache.worker.sampling import logprob_sums
 from kdcache.worker.teachers import Teacher, load_teacher
 
 __all__ = [
@@ -109,6 +115,7 @@ def build_manifest(
         codecs=dict(CODECS),
         sample_draws=spec.outputs.sample_draws,
         sample_seed=spec.outputs.sample_seed,
+        sample_logprobs=spec.outputs.sample_logprobs,
         loss_mask=True,
         topk_codec=spec.outputs.topk_codec,
         hidden_codec=spec.outputs.hidden_codec,
@@ -223,6 +230,13 @@ class ShardRunner:
             sample_draws=m.sample_draws,
             sample_seed=m.sample_seed,
         )
+        if not m.sample_logprobs and m.sample_draws:
+            data[ARRAY_SAMPLE_LOGPROB_SUMS] = logprob_sums(
+                data[ARRAY_SAMPLE_INDICES],
+                data[ARRAY_SAMPLE_COUNTS],
+                data.pop(ARRAY_SAMPLE_LOGPROBS),
+                data.get(ARRAY_INDICES),
+            )
         if ARRAY_LOGPROBS in data:
             data[ARRAY_LOGPROBS] = encode_logprobs(data[ARRAY_LOGPROBS], m.topk_codec)
         if coded:

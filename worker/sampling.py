@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["row_uniforms", "sample_chunk"]
+__all__ = ["logprob_sums", "row_uniforms", "sample_chunk"]
 
 
 def row_uniforms(seed: int, rows: Sequence[int], seq_len: int, draws: int) -> np.ndarray:
@@ -70,3 +70,32 @@ def sample_chunk(
         uniq, counts = torch.nn.functional.pad(uniq, pad), torch.nn.functional.pad(counts, pad)
         logprobs = torch.nn.functional.pad(logprobs, pad)
     return uniq[..., :width], counts[..., :width], logprobs[..., :width]
+
+
+def logprob_sums(
+    indices: np.ndarray,
+    counts: np.ndarray,
+    logprobs: np.ndarray,
+    topk_indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """``sample/logprob_sums`` (B, t, 2) float32 from a batch's draws (each (B, t, m)).
+
+    [0] = sum_i (c_i / N) log q_1(x_i) over every draw, [1] = the same over the draws outside
+    ``topk_indices`` (B, t, k) (every draw when None): the teacher's side of the t=1 forward-KL
+    estimates (plain and hybrid), so a cache can keep these two numbers per position instead of
+    a log-probability per draw. ``logprobs`` are the float16 values ``sample/logprobs`` holds.
+    """
+    c = counts.astype(np.float64)
+    w = c / np.maximum(c.sum(-1, keepdims=True), 1)
+    lp = logprobs.astype(np.float32).astype(np.float64)
+    out = np.empty((*indices.shape[:-1], 2), np.float64)
+    out[..., 0] = (w * lp).sum(-1)
+    if topk_indices is None:
+        out[..., 1] = out[..., 0]
+    else:
+        for r in range(0, len(indices), 8):  # bounded (8, t, m, k) comparisons
+            inside = (indices[r : r + 8, ..., None] == topk_indices[r : r + 8, ..., None, :]).any(
+                -1
+            )
+            out[r : r + 8, ..., 1] = (np.where(inside, 0.0, w[r : r + 8]) * lp[r : r + 8]).sum(-1)
+    return out.astype(np.float32)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kdcache.client import losses
-from kdcache.worker.sampling import row_uniforms, sample_chunk
+from kdcache.worker.sampling import logprob_sums, row_uniforms, sample_chunk
 
 B, T, V, K = 2, 3, 48, 6
 GROUPS, PER_GROUP = 40, 40
@@ -50,15 +50,31 @@ def _batch(z: torch.Tensor, copies: int, first_row: int, draws: int) -> dict[str
     }
 
 
+def _as_sums(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch as a cache with ``outputs.sample_logprobs: false`` gives it (float16 log-probs
+    summed per position, as the worker stores them)."""
+    out = dict(batch)
+    lp16 = out.pop("sample_logprobs").half().numpy()
+    ids, counts = out["sample_indices"].numpy(), out["sample_counts"].numpy()
+    sums = logprob_sums(ids, counts, lp16, out["topk_indices"].numpy())
+    out["sample_logprob_sums"] = torch.from_numpy(sums)
+    return out
+
+
 @functools.cache
-def _estimates(targets: str, temperature: float, draws: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group mean loss (GROUPS,) and gradient (GROUPS, B, T, V)."""
+def _estimates(
+    targets: str, temperature: float, draws: int, sums: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group mean loss (GROUPS,) and gradient (GROUPS, B, T, V); ``sums``: from
+    ``sample_logprob_sums`` instead of ``sample_logprobs``."""
     z = _teacher()
     student = torch.randn(B, T, V, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     values, grads = [], []
     for g in range(GROUPS):
         s = student.clone().requires_grad_(True)
         batch = _batch(z, PER_GROUP, g * PER_GROUP * B, draws)
+        if sums:
+            batch = _as_sums(batch)
         loss = losses.kd_loss(s.repeat(PER_GROUP, 1, 1), batch, temperature, targets=targets)
         loss.backward()
         assert s.grad is not None
@@ -78,9 +94,11 @@ def _dense(temperature: float) -> tuple[float, np.ndarray]:
 
 
 @pytest.mark.parametrize("targets", ["sample", "topk+sample"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_estimator_mean_equals_dense_loss_and_gradient(targets: str, temperature: float) -> None:
-    values, grads = _estimates(targets, temperature, draws=8)
+@pytest.mark.parametrize(("temperature", "sums"), [(1.0, False), (2.0, False), (1.0, True)])
+def test_estimator_mean_equals_dense_loss_and_gradient(
+    targets: str, temperature: float, sums: bool
+) -> None:
+    values, grads = _estimates(targets, temperature, draws=8, sums=sums)
     dense_value, dense_grad = _dense(temperature)
     se = values.std(ddof=1) / np.sqrt(GROUPS)
     assert abs(values.mean() - dense_value) <= 5 * se + 1e-6, (values.mean(), dense_value, se)
@@ -156,3 +174,29 @@ def test_zero_mass_ids_are_never_drawn() -> None:
     assert drawn == {3, 7}
     frac7 = float(counts[ids == 7].sum()) / 200
     assert abs(frac7 - float(torch.sigmoid(torch.tensor(1.0)))) < 0.1
+
+
+@pytest.mark.parametrize("targets", ["sample", "topk+sample"])
+def test_logprob_sums_give_the_same_estimate_at_t1(targets: str) -> None:
+    batch = _batch(_teacher(), 3, 0, 8)
+    batch["sample_logprobs"] = batch["sample_logprobs"].half().float()  # as a cache stores them
+    s = torch.randn(3 * B, T, V, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    values, grads = [], []
+    for b in (batch, _as_sums(batch)):
+        x = s.clone().requires_grad_(True)
+        loss = losses.kd_loss(x, b, 1.0, targets=targets)
+        loss.backward()
+        assert x.grad is not None
+        values.append(float(loss.detach()))
+        grads.append(x.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-6, abs=1e-9)
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-12)
+
+
+def test_logprob_sums_refuse_other_temperatures() -> None:
+    batch = _as_sums(_batch(_teacher(), 1, 0, 4))
+    with pytest.raises(ValueError, match="sample_logprobs: false"):
+        losses.kd_loss(torch.zeros(B, T, V), batch, temperature=2.0, targets="sample")
+    broken = {k: v for k, v in batch.items() if k != "sample_logprob_sums"}
+    with pytest.raises(KeyError, match="sample_logprobs"):
+        losses.kd_loss(torch.zeros(B, T, V), broken, targets="sample")

@@ -117,3 +117,30 @@ def test_plain_zarr_and_dataset_fields(sampled: str) -> None:
         assert torch.isfinite(loss) and float(loss.detach()) > 0
     with pytest.raises(ValueError, match="field 'sampled' is not in this cache"):
         CacheDataset(str(Path(sampled)), fields=["sampled"])
+
+
+def test_cache_without_per_draw_logprobs(
+    sampled: str, tmp_path: Path, tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    """``outputs.sample_logprobs: false``: two sums per position instead of a log-prob per draw,
+    the same draws, the same t=1 losses, other temperatures refused by name."""
+    spec = _spec(tiny_teacher_dir, tokens_npy, 3, sample_logprobs=False)
+    url = run_job(parse_spec(spec), tmp_path)
+    reader = CacheReader(url)
+    assert reader.manifest.cache_id != CacheReader(sampled).manifest.cache_id
+    assert not reader.manifest.sample_logprobs and all(c.ok for c in reader.verify())
+    g = zarr.open_group(url, mode="r")
+    assert set(g["sample"].array_keys()) == {"indices", "counts", "logprob_sums"}  # type: ignore[union-attr]
+    rows = list(range(reader.manifest.num_rows))
+    full = TeacherCache(sampled).batch(rows, fields=["topk", "sample"])
+    lean = TeacherCache(url).batch(rows, fields=["topk", "sample"])
+    assert "sample_logprobs" not in lean and lean["sample_logprob_sums"].shape[-1] == 2
+    for key in ("sample_indices", "sample_counts"):
+        assert torch.equal(full[key], lean[key]), key
+    s = torch.randn(len(rows), full["sample_indices"].shape[1], 320, dtype=torch.float64)
+    for targets in ("sample", "topk+sample"):
+        a = losses.kd_loss(s, full, temperature=1.0, targets=targets)
+        b = losses.kd_loss(s, lean, temperature=1.0, targets=targets)
+        assert float(a) == pytest.approx(float(b), rel=1e-5), targets
+    with pytest.raises(ValueError, match="sample_logprobs: false"):
+        losses.kd_loss(s, lean, temperature=2.0, targets="sample")
