@@ -57,6 +57,11 @@ def _settings(sample_ns: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
         ("k32-lossless", {"topk": 32, "topk_codec": "lossless"}),
         ("k32-q4", {"topk": 32, "topk_codec": "q4"}),
         ("k16-lossless", {"topk": 16, "topk_codec": "lossless"}),
+        # the draws' log-probs summed per position (outputs.sample_logprobs: false; t=1 only)
+        (
+            "k16-lossless-s32sums",
+            {"topk": 16, "topk_codec": "lossless", "sample_draws": 32, "sample_logprobs": False},
+        ),  # fmt: skip
     ]
 
 
@@ -130,7 +135,7 @@ def measure_errors(model: Any, rows: np.ndarray, caches: dict, sample_ns: Sequen
 
     opened = {label: TeacherCache(url) for label, (url, _) in caches.items()}
     sums: dict[str, list[torch.Tensor]] = {}
-    sample_of = {n: lab for (lab, _), n in _sample_labels(sample_ns) if lab in caches}
+    sample_of = [lab for (lab, _), _n in _sample_labels(sample_ns) if lab in caches]
     for start in range(0, len(rows), 32):
         idx = np.arange(start, min(start + 32, len(rows)))
         true_lp = teacher_logprobs(model, rows[idx])
@@ -139,12 +144,12 @@ def measure_errors(model: Any, rows: np.ndarray, caches: dict, sample_ns: Sequen
         for label, cache in opened.items():
             batch = cache.batch(idx, ["topk"])
             sums.setdefault(label, []).append(topk_kl(true_lp, batch).flatten())
-        for n, label in sample_of.items():
+        for label in sample_of:
             batch = opened[label].batch(idx, ["sample"])
             err = sampled_tail_error(true_lp, batch).flatten()
-            sums.setdefault(f"sample{n}", []).append(err)
+            sums.setdefault(f"sample:{label}", []).append(err)
             uniq = (batch["sample_counts"] > 0).sum(-1).double().flatten()
-            sums.setdefault(f"unique{n}", []).append(uniq)
+            sums.setdefault(f"unique:{label}", []).append(uniq)
     return {k: torch.cat(v) for k, v in sums.items()}
 
 
@@ -257,18 +262,18 @@ def table(caches: dict, errors: dict, sample_ns: Sequence[int]) -> list[str]:
         kl = errors[label]
         lines.append(_row(label, parts, f"KL {kl.mean():.2e}", f"max {kl.max():.1e}"))
     tail = errors["tail64"]
-    for (label, _), n in _sample_labels(sample_ns):
+    for (label, outputs), n in _sample_labels(sample_ns):
         if label not in caches:
             continue
         url = caches[label][0]
         sizes, tok = array_bytes(url), _tokens(url)
         parts = {a.split("/")[1]: b / tok for a, b in sizes.items() if a.startswith("sample/")}
-        e = errors[f"sample{n}"]
+        e = errors[f"sample:{label}"]
         se = float(e.std()) / math.sqrt(e.numel())
-        uniq = float(errors[f"unique{n}"].mean())
+        uniq = float(errors[f"unique:{label}"].mean())
         lines.append(
             _row(
-                f"sampled N={n}",
+                f"sampled N={n}" + ("" if outputs.get("sample_logprobs", True) else " (sums)"),
                 parts,
                 f"tail {e.mean():+.4f} ± {se:.4f}",
                 f"{uniq:.1f} unique ids/position",
