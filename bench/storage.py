@@ -48,6 +48,7 @@ def _settings(sample_ns: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
     return [
         ("k64-fp16", {"topk": 64, "topk_codec": "fp16", "sample_draws": draws[0]}),
         ("k64-lossless", {"topk": 64, "topk_codec": "lossless", "sample_draws": draws[1]}),
+        ("k64-lossless-xz", {"topk": 64, "topk_codec": "lossless-xz"}),
         ("k64-q8", {"topk": 64, "topk_codec": "q8", "sample_draws": draws[2]}),
         ("k64-q4", {"topk": 64, "topk_codec": "q4"}),
         ("k64-q8c", {"topk": 64, "topk_codec": "q8c"}),

@@ -49,7 +49,7 @@ from kdcache.core.hidden_codec import (
     parse_hidden_codec,
     scale_array,
 )
-from kdcache.core.topk_codec import decode_logprobs
+from kdcache.core.topk_codec import IdOrder, decode_logprobs
 
 __all__ = [
     "LOSS_MASK",
@@ -153,7 +153,21 @@ def default_loss_mask(n: int, stored_len: int, seq_len: int | None = None) -> np
     return mask if seq_len is None else mask[:, :seq_len]
 
 
+_ID_ORDERS: dict[tuple[str, int, int], IdOrder] = {}
+
+
+def _id_order(manifest: Manifest) -> IdOrder:
+    """The manifest's IdOrder, built once per cache (a vocabulary-sized table)."""
+    key = (manifest.cache_id, manifest.vocab_size, len(manifest.topk_id_order))
+    found = _ID_ORDERS.get(key)
+    if found is None:
+        found = _ID_ORDERS[key] = IdOrder(manifest.topk_id_order, manifest.vocab_size)
+    return found
+
+
 def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
+    if field == "topk_indices" and manifest.topk_id_order:  # lossless-xz: ranks -> ids
+        return torch.from_numpy(_id_order(manifest).decode(data))
     if field in ("input_ids", "topk_indices", "sample_indices", "sample_counts"):
         return torch.from_numpy(data.astype(np.int64, copy=False))
     if field == "topk_logprobs" and manifest.topk_codec != "fp16":

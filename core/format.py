@@ -64,9 +64,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSIONS = (1, 2, 3)
 """Versions this code reads and writes: 2 = 1 plus coded ``topk/logprobs`` (core.topk_codec)
-and coded hidden states (core.hidden_codec)."""
+and coded hidden states (core.hidden_codec); 3 = 2 plus ``lossless-xz`` (LZMA2 chains and the
+``topk_id_order`` code of ``topk/indices``), which readers of version 2 could not decode."""
 MANIFEST_KEY = "kdcache"
 ARRAY_INPUT_IDS = "input_ids"
 ARRAY_LOGPROBS = "topk/logprobs"
@@ -87,6 +88,8 @@ ARRAY_SAMPLE_LOGPROB_SUMS = "sample/logprob_sums"
 the t=1 estimates equal those of a cache with them. A third of the sampled bytes (issue 9)."""
 CHUNK_TARGET_BYTES = 1 << 20
 ROW_CHUNK_BYTES = 64 << 10
+XZ_ROW_CHUNK_BYTES = 256 << 10
+"""Rows per chunk of an ``xz-*`` array: LZMA2 adapts over a chunk, so it gains from longer ones."""
 HIDDEN_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 
 
@@ -154,6 +157,9 @@ class ArraySpec:
     """The transform :mod:`kdcache.core.topk_codec` applied (array attribute ``coding``)."""
     shuffle: str = "shuffle"
     """Blosc's shuffle for this array: ``shuffle`` (bytes) or ``bitshuffle``."""
+    compression: str = "blosc"
+    """The writer's codec chain: ``blosc`` (every array by default), or one of the ``xz-*``
+    chains of a ``lossless-xz`` cache's top-k arrays (core.writer.XZ_CHAINS)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,8 @@ class Manifest:
     loss_mask: bool = False
     """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
     topk_codec: str = "fp16"
+    topk_id_order: list[int] = field(default_factory=list)
+    """``lossless-xz``: ids listed first in the code of ``topk/indices`` (topk_codec.IdOrder)."""
     hidden_codec: str = "exact"
     format_version: int = FORMAT_VERSION
 
@@ -264,11 +272,28 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         width, stored = logprobs_storage(m.topk_codec, k)
         coding = m.topk_codec if coded else ""
         shuffle = "bitshuffle" if coded else "shuffle"
-        out += [
-            ArraySpec(ARRAY_LOGPROBS, (t, width), stored, "float16", coding),
-            ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype, shuffle=shuffle),
-            ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
-        ]
+        if m.topk_codec == "lossless-xz":
+            ids_coding = "id_order" if m.topk_id_order else ""
+            out += [
+                ArraySpec(
+                    ARRAY_LOGPROBS, (t, width), stored, "float16", coding, compression="xz-ranks"
+                ),
+                ArraySpec(
+                    ARRAY_INDICES,
+                    (t, k),
+                    m.index_dtype,
+                    m.index_dtype,
+                    ids_coding,
+                    compression="xz-ids",
+                ),
+                ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32", compression="xz-planes"),
+            ]
+        else:
+            out += [
+                ArraySpec(ARRAY_LOGPROBS, (t, width), stored, "float16", coding),
+                ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype, shuffle=shuffle),
+                ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
+            ]
     if m.hidden_layers:
         if m.hidden_size is None:
             raise CacheFormatError("manifest has hidden layers but no hidden_size")

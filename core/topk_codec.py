@@ -19,24 +19,63 @@ attribute ``coding`` names the transform and :func:`decode_logprobs` undoes it):
     q4c | q3c                          and rounded with mass feedback: several times less KL
                                        at the same bytes (core.topk_companded)
 
-Indices are never coded (exact ids, the smallest integer type); the writer stores them with
-Blosc's bit shuffle instead of byte shuffle, which removes the unused high bits of every id.
+Indices keep their exact ids (the smallest integer type); the writer stores them with Blosc's
+bit shuffle instead of byte shuffle, which removes the unused high bits of every id.
+
+``lossless-xz`` stores the same log-prob code as ``lossless`` and compresses the three top-k arrays
+harder, for caches that are written once and kept (archives, object stores, slow links), at
+a slower decode (LZMA2 runs at tens of MB/s, Blosc/zstd at hundreds)::
+
+    topk/logprobs    as ``lossless``; chunks transposed rank-major (zarr ``transpose``), byte
+                     planes (numcodecs ``shuffle``), LZMA2 (numcodecs ``lzma``, raw, lc=3)
+    topk/indices     each id replaced by its rank in the manifest's ``topk_id_order`` (the
+                     dataset's most frequent input tokens first; array attribute ``coding:
+                     "id_order"``), LZMA2 with 2- or 4-byte alignment (lp, pb)
+    topk/logsumexp   byte planes, LZMA2
+
+LZMA2 is an adaptive range coder, so it reaches the skewed entropy of frequent ids and of the
+rank-ordered deltas that zstd's Huffman stage over 64 KiB chunks leaves behind. Every codec
+ships with zarr-python and numcodecs: plain zarr-python opens each array and returns the codes.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any
 
 import numpy as np
 
 from kdcache.core.topk_companded import COMPANDED_LEVELS, decode_companded, encode_companded
 
+# zarr-python warns on every array it opens whose chain holds a numcodecs codec (``lzma``,
+# ``shuffle``: not in the Zarr v3 core spec). kdcache writes them on purpose (lossless-xz) and
+# reads them with zarr-python itself; the warning would repeat for every array of every read.
+warnings.filterwarnings(
+    "ignore", message="Numcodecs codecs are not in the Zarr version 3 specification"
+)
+
 __all__ = [
     "TOPK_CODECS",
+    "IdOrder",
     "decode_logprobs",
     "encode_logprobs",
     "logprobs_storage",
+    "xz_codec",
 ]
 
-TOPK_CODECS: tuple[str, ...] = ("fp16", "lossless", "q8", "q4", *COMPANDED_LEVELS)
+TOPK_CODECS: tuple[str, ...] = (
+    "fp16",
+    "lossless",
+    "lossless-xz",
+    "q8",
+    "q4",
+    *COMPANDED_LEVELS,
+)
+_BIT_DELTAS = ("lossless", "lossless-xz")  # the log-prob code of both: deltas of fp16 bits
+ID_ORDER_LIMIT = 1 << 16
+"""At most this many ids are listed in ``topk_id_order`` (the others follow in id order)."""
+ID_ORDER_TOKENS = 1 << 22
+"""Input tokens counted for ``topk_id_order``: those of the dataset's first rows."""
 _LEVELS = {"q8": 255, "q4": 15}
 
 
@@ -50,7 +89,7 @@ def logprobs_storage(codec: str, k: int) -> tuple[int, str]:
     _require(codec)
     if codec == "fp16":
         return k, "float16"
-    if codec == "lossless":
+    if codec in _BIT_DELTAS:
         return k, "uint16"
     return k + 4, "uint8"
 
@@ -61,7 +100,7 @@ def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
     lp = np.ascontiguousarray(lp, dtype=np.float16)
     if codec == "fp16":
         return lp
-    if codec == "lossless":
+    if codec in _BIT_DELTAS:
         bits = lp.view(np.uint16)
         out = bits.copy()
         out[..., 1:] = bits[..., 1:] - bits[..., :-1]  # wraps mod 2**16: always invertible
@@ -89,7 +128,7 @@ def decode_logprobs(stored: np.ndarray, codec: str) -> np.ndarray:
     _require(codec)
     if codec == "fp16":
         return stored
-    if codec == "lossless":
+    if codec in _BIT_DELTAS:
         return np.cumsum(stored, axis=-1, dtype=np.uint16).view(np.float16)
     if codec in COMPANDED_LEVELS:
         return decode_companded(stored, codec)
@@ -99,3 +138,57 @@ def decode_logprobs(stored: np.ndarray, codec: str) -> np.ndarray:
     codes = np.cumsum(raw[..., 4:], axis=-1, dtype=np.uint8).astype(np.float32)
     top, low = ends[..., :1], ends[..., 1:]
     return top - codes / levels * (top - low)
+
+
+class IdOrder:
+    """A bijection of the vocabulary that lists ``order`` first: ``order[i]`` gets code ``i``, and
+    every id not listed follows in increasing id order.
+
+    ``topk_id_order`` lists the dataset's most frequent input tokens; a teacher's top-k is full
+    of them, so their codes are small and repeat, which the entropy coder turns into bytes.
+    """
+
+    def __init__(self, order: list[int] | np.ndarray, vocab_size: int) -> None:
+        listed = np.asarray(order, dtype=np.int64)
+        if listed.ndim != 1 or (listed.size and (listed.min() < 0 or listed.max() >= vocab_size)):
+            raise ValueError(f"topk_id_order must list ids in [0, {vocab_size})")
+        seen = np.zeros(vocab_size, dtype=bool)
+        seen[listed] = True
+        if int(seen.sum()) != listed.size:
+            raise ValueError("topk_id_order lists an id twice")
+        self.ids = np.concatenate([listed, np.flatnonzero(~seen)])  # code -> id
+        self.codes = np.empty(vocab_size, dtype=np.int64)  # id -> code
+        self.codes[self.ids] = np.arange(vocab_size)
+
+    @classmethod
+    def of_tokens(cls, tokens: np.ndarray, vocab_size: int) -> list[int]:
+        """``topk_id_order`` of some input tokens: ids by decreasing count (ties: smaller id
+        first), those that occur, at most :data:`ID_ORDER_LIMIT`. Integers in, integers out:
+        every worker that counts the same rows gets the same list."""
+        flat = np.asarray(tokens).reshape(-1)[:ID_ORDER_TOKENS].astype(np.int64)
+        flat = flat[(flat >= 0) & (flat < vocab_size)]
+        counts = np.bincount(flat, minlength=vocab_size)
+        order = np.argsort(-counts, kind="stable")
+        return [int(i) for i in order[: min(int((counts > 0).sum()), ID_ORDER_LIMIT)]]
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        """Ids -> codes, in ``ids``' dtype."""
+        return self.codes[ids].astype(ids.dtype, copy=False)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes -> ids (int64)."""
+        return self.ids[np.asarray(codes, dtype=np.int64)]
+
+
+def xz_codec(itemsize: int, *, literal_context: int = 0) -> dict[str, Any]:
+    """numcodecs' ``lzma`` configuration for elements of ``itemsize`` bytes: raw LZMA2 (no .xz
+    container; the chunk's CRC-32C is zarr's), preset 6, position bits matched to the element
+    size, ``literal_context`` bits of the previous byte as literal context."""
+    import lzma
+
+    align = {1: 0, 2: 1, 4: 2}.get(itemsize, 0)
+    lc = literal_context if align == 0 else min(literal_context, 4 - align)
+    return {
+        "format": lzma.FORMAT_RAW,
+        "filters": [{"id": lzma.FILTER_LZMA2, "preset": 6, "lc": lc, "lp": align, "pb": align}],
+    }

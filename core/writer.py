@@ -13,12 +13,21 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
+from zarr.codecs.numcodecs import LZMA, Shuffle
 
 from kdcache.core.errors import CacheFormatError, ManifestMismatchError
-from kdcache.core.format import MANIFEST_KEY, ArraySpec, Manifest, plan_chunks
+from kdcache.core.format import (
+    MANIFEST_KEY,
+    ROW_CHUNK_BYTES,
+    XZ_ROW_CHUNK_BYTES,
+    ArraySpec,
+    Manifest,
+    plan_chunks,
+)
 from kdcache.core.shards import ShardRecord, checksum, list_records, write_record
 from kdcache.core.storage import Storage, open_storage
+from kdcache.core.topk_codec import xz_codec
 
 __all__ = ["CODECS", "CacheWriter", "compressors"]
 
@@ -61,9 +70,32 @@ def compressors(
     return blosc, Crc32cCodec()
 
 
+XZ_CHAINS = ("xz-ranks", "xz-ids", "xz-planes")
+"""The codec chains of a ``lossless-xz`` cache's top-k arrays (core.topk_codec)."""
+
+
+def _codecs(spec: ArraySpec) -> dict[str, Any]:
+    """``filters`` and ``compressors`` of ``create_array`` for ``spec``."""
+    if spec.compression == "blosc":
+        return {"compressors": compressors(spec.shuffle, _clevel(spec.name))}
+    itemsize = np.dtype(spec.dtype).itemsize
+    planes = Shuffle(elementsize=itemsize)
+    if spec.compression == "xz-ranks":  # (rows, T, k) chunks stored as (k, rows, T): by rank
+        return {
+            "filters": [TransposeCodec(order=(2, 0, 1))],
+            "compressors": (planes, LZMA(**xz_codec(1, literal_context=3)), Crc32cCodec()),
+        }
+    if spec.compression == "xz-ids":
+        return {"compressors": (LZMA(**xz_codec(itemsize)), Crc32cCodec())}
+    if spec.compression == "xz-planes":
+        return {"compressors": (planes, LZMA(**xz_codec(1, literal_context=3)), Crc32cCodec())}
+    raise ValueError(f"unknown compression {spec.compression!r} of {spec.name}")
+
+
 def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
     itemsize = np.dtype(spec.dtype).itemsize
-    chunks = plan_chunks(spec.row_shape, itemsize, m.rows_per_shard)
+    row_target = ROW_CHUNK_BYTES if spec.compression == "blosc" else XZ_ROW_CHUNK_BYTES
+    chunks = plan_chunks(spec.row_shape, itemsize, m.rows_per_shard, row_target=row_target)
     shards = (m.rows_per_shard, *spec.row_shape)
     attrs: dict[str, Any] = (
         {"dtype": spec.logical_dtype} if spec.logical_dtype != spec.dtype else {}
@@ -76,8 +108,8 @@ def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
         dtype=spec.dtype,
         chunks=chunks,
         shards=shards,
-        compressors=compressors(spec.shuffle, _clevel(spec.name)),
         fill_value=0,
+        **_codecs(spec),
         attributes=attrs,
     )
 

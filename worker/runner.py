@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
-from kdcache.core.topk_codec import encode_logprobs
+from kdcache.core.topk_codec import ID_ORDER_TOKENS, IdOrder, encode_logprobs
 from kdcache.core.writer import CODECS, CacheWriter
 from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
@@ -61,13 +61,16 @@ log = logging.getLogger(__name__)
 
 
 def build_manifest(
-    plan: JobPlan, hidden_size: int | None, teacher_dtype: str | None = None
+    plan: JobPlan,
+    hidden_size: int | None,
+    teacher_dtype: str | None = None,
+    id_order: Sequence[int] = (),
 ) -> Manifest:
     """The manifest of ``plan``'s cache. Holds no file paths: moving files keeps the cache.
 
     ``teacher_dtype`` is the dtype the teacher really runs in (``auto`` resolves per device):
     a writer whose teacher resolves differently cannot open the cache, so one cache never mixes
-    bfloat16 and float32 numbers.
+    bfloat16 and float32 numbers. ``id_order``: a ``lossless-xz`` cache's ``topk_id_order``.
     """
     spec, info = plan.spec, plan.teacher
     if info.vocab_size is None or plan.num_rows is None:
@@ -118,8 +121,11 @@ def build_manifest(
         sample_logprobs=spec.outputs.sample_logprobs,
         loss_mask=True,
         topk_codec=spec.outputs.topk_codec,
+        topk_id_order=list(id_order),
         hidden_codec=spec.outputs.hidden_codec,
-        format_version=1
+        format_version=3
+        if spec.outputs.topk_codec == "lossless-xz"
+        else 1
         if spec.outputs.topk_codec == "fp16" and spec.outputs.hidden_codec == "exact"
         else 2,
     )
@@ -163,6 +169,12 @@ def prepare_job(
     teacher = load_teacher(plan.spec.teacher)
     if source.num_rows < 1:
         raise SpecError([Problem("dataset", "the dataset yields no rows")])
+    id_order: list[int] = []
+    if plan.spec.outputs.topk_codec == "lossless-xz" and plan.spec.outputs.topk > 0:
+        # counted on the dataset's first rows (of a generate job: its prompts), integers only,
+        # so that every worker of the job derives the same list (their manifests must match)
+        first = source.rows(0, min(source.num_rows, max(1, ID_ORDER_TOKENS // source.seq_len)))
+        id_order = IdOrder.of_tokens(first, teacher.vocab_size)
     if plan.spec.generate is not None:  # the rows are prompts: the teacher continues them first
         from kdcache.worker.generate import GenerationSource
 
@@ -187,7 +199,7 @@ def prepare_job(
                 )
             ]
         )
-    manifest = build_manifest(plan, hidden_size, dtype)
+    manifest = build_manifest(plan, hidden_size, dtype, id_order)
     return PreparedJob(plan=plan, manifest=manifest, teacher=teacher, source=source)
 
 
@@ -203,6 +215,7 @@ class ShardRunner:
             "teacher": job.teacher.description,
         }
         self.codec = parse_hidden_codec(job.manifest.hidden_codec)
+        self.id_order = IdOrder(job.manifest.topk_id_order, job.manifest.vocab_size)
         self.basis = BasisHolder(job, writer) if self.codec.kind == "pca" else None
 
     def compute(
@@ -239,6 +252,8 @@ class ShardRunner:
             )
         if ARRAY_LOGPROBS in data:
             data[ARRAY_LOGPROBS] = encode_logprobs(data[ARRAY_LOGPROBS], m.topk_codec)
+        if m.topk_id_order and ARRAY_INDICES in data:
+            data[ARRAY_INDICES] = self.id_order.encode(data[ARRAY_INDICES])
         if coded:
             raw = {k: v for k, v in data.items() if k.startswith("hidden/")}
             encode_hidden(data, m, basis)

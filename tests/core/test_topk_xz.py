@@ -1,0 +1,123 @@
+"""``topk_codec: lossless-xz`` (format v3): the id code is a bijection, a cache reads back
+bit-equal to format v1 locally, through the dataset and over the service, and plain zarr-python
+opens every array."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import zarr
+from _net import serve
+
+from kdcache.client import CacheDataset, TeacherCache
+from kdcache.core.reader import CacheReader
+from kdcache.core.spec import parse_spec
+from kdcache.core.topk_codec import ID_ORDER_LIMIT, IdOrder
+from kdcache.service import Settings, create_app
+from kdcache.worker.runner import run_job
+
+ADMIN = "admin-token-xz"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_id_order_is_a_bijection(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    vocab = int(rng.integers(2, 5000))
+    listed = rng.permutation(vocab)[: int(rng.integers(0, vocab + 1))]
+    order = IdOrder(listed, vocab)
+    assert sorted(order.ids.tolist()) == list(range(vocab))
+    assert order.decode(np.arange(len(listed))).tolist() == listed.tolist()  # listed ids first
+    rest = order.ids[len(listed) :]
+    assert (np.diff(rest) > 0).all()  # then the others, in id order
+    ids = rng.integers(0, vocab, (3, 7, 5)).astype(np.int32)
+    codes = order.encode(ids)
+    assert codes.dtype == ids.dtype and np.array_equal(order.decode(codes), ids)
+
+
+def test_id_order_of_tokens_counts_and_breaks_ties_by_id() -> None:
+    tokens = np.array([[5, 3, 3, 9], [9, 3, 7, 5]])  # 3 x3, 5 x2, 9 x2, 7 x1
+    assert IdOrder.of_tokens(tokens, 12) == [3, 5, 9, 7]
+    assert IdOrder.of_tokens(np.arange(ID_ORDER_LIMIT + 10), 1 << 17) == list(range(ID_ORDER_LIMIT))
+
+
+def test_id_order_refuses_what_is_not_a_permutation() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        IdOrder([1, 2, 1], 4)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        IdOrder([4], 4)
+
+
+def _spec(teacher: Path, tokens: Path, codec: str) -> dict:
+    return {
+        "teacher": {"hf": str(teacher), "dtype": "float32", "device": "cpu"},
+        "dataset": {"tokens": str(tokens)},
+        "outputs": {"topk": 8, "temperatures": [1.0, 2.0], "topk_codec": codec},
+        "batch_size": 4,
+        "rows_per_shard": 4,
+    }
+
+
+@pytest.fixture(scope="module")
+def caches(
+    tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path, tokens_npy: Path
+) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("xz") / "root"
+    return {
+        codec: run_job(parse_spec(_spec(tiny_teacher_dir, tokens_npy, codec)), root)
+        for codec in ("fp16", "lossless-xz")
+    }
+
+
+def test_xz_cache_reads_back_bit_equal(caches: dict[str, str], tokens_npy: Path) -> None:
+    v1, v3 = CacheReader(caches["fp16"]), CacheReader(caches["lossless-xz"])
+    assert v3.manifest.format_version == 3 and v3.manifest.topk_codec == "lossless-xz"
+    assert all(c.ok for c in v3.verify())
+    tokens = np.load(tokens_npy)
+    assert v3.manifest.topk_id_order == IdOrder.of_tokens(tokens, v3.manifest.vocab_size)
+    rows = list(range(v1.manifest.num_rows))
+    a = TeacherCache(caches["fp16"]).batch(rows, fields=["topk"])
+    b = TeacherCache(caches["lossless-xz"]).batch(rows, fields=["topk"])
+    for key in ("topk_logprobs", "topk_indices", "topk_logsumexp"):
+        assert torch.equal(a[key], b[key]), key
+    streamed = {int(s["row"]): s for s in CacheDataset(caches["lossless-xz"], fields=["topk"])}
+    assert sorted(streamed) == rows
+    for row, s in streamed.items():
+        assert torch.equal(s["topk_indices"], a["topk_indices"][row])
+        assert torch.equal(s["topk_logprobs"], a["topk_logprobs"][row])
+
+
+def test_plain_zarr_opens_every_array_and_sees_the_codes(caches: dict[str, str]) -> None:
+    g = zarr.open_group(caches["lossless-xz"], mode="r")
+    m = CacheReader(caches["lossless-xz"]).manifest
+    ids = g["topk/indices"]
+    assert ids.attrs["coding"] == "id_order"
+    assert "numcodecs.lzma" in str(ids.metadata.to_dict())
+    codes = ids[:]
+    truth = TeacherCache(caches["fp16"]).batch(list(range(m.num_rows)), ["topk"])["topk_indices"]
+    order = IdOrder(m.topk_id_order, m.vocab_size)
+    assert np.array_equal(order.decode(codes), truth.numpy())
+    assert not np.array_equal(codes, truth.numpy())  # they really are codes, not ids
+    lse = zarr.open_group(caches["fp16"], mode="r")["topk/logsumexp"][:]
+    assert np.array_equal(g["topk/logsumexp"][:], lse)
+
+
+def test_xz_cache_over_the_service(
+    caches: dict[str, str], tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    root = Path(caches["lossless-xz"]).parents[1]
+    spec = _spec(tiny_teacher_dir, tokens_npy, "lossless-xz")
+    with serve(create_app(Settings(root=str(root), admin_token=ADMIN))) as url:
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        r = httpx.post(f"{url}/v1/jobs", json=spec, headers=headers, timeout=120)
+        assert r.status_code == 201 and r.json()["shards_done"] == 2, r.text
+        cache_url = f"{url}/v1/caches/{r.json()['cache_id']}"
+        remote = {int(s["row"]): s for s in CacheDataset(cache_url, fields=["topk"], token="")}
+    local = {int(s["row"]): s for s in CacheDataset(caches["fp16"], fields=["topk"])}
+    assert sorted(remote) == sorted(local)
+    for row, s in remote.items():
+        for key in ("topk_logprobs", "topk_indices", "topk_logsumexp"):
+            assert torch.equal(s[key], local[row][key]), (row, key)
