@@ -18,6 +18,7 @@ import zarr
 
 from kdcache.client._fields import to_tensors
 from kdcache.client._shardread import FastLayout, Task
+from kdcache.client._shm import Arena
 from kdcache.core.format import Manifest
 from kdcache.core.hidden_basis import Basis
 from kdcache.core.reader import corrupt_as_integrity_error
@@ -146,6 +147,9 @@ def _own_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class BlockReader:
     """Reads blocks of rows of the selected fields for one process.
 
+    ``shared``: decode into shared memory (:class:`Arena`), for a DataLoader worker whose
+    batches torch would otherwise copy into shared memory to send them.
+
     ``fields``: every field asked, those without an array (a default ``loss_mask``) included.
     ``bases``: a pca cache's basis per layer, to decode its codes to full width.
     ``locate`` maps a store key to a local file when shard objects are on local disk (a local
@@ -162,8 +166,10 @@ class BlockReader:
         locate: Callable[[str], str | None] | None = None,
         fields: Sequence[str] = (),
         bases: Basis | None = None,
+        shared: bool = False,
     ) -> None:
         self.manifest = manifest
+        self.shared = shared
         self.bases = bases
         self.fields = list(fields) or list(arrays)
         self.arrays = dict(arrays)
@@ -172,22 +178,14 @@ class BlockReader:
         self.locate = locate
         self.layouts = {f: FastLayout.of(a) if locate else None for f, a in self.arrays.items()}
 
-    def _fast(
-        self,
-        field: str,
-        layout: FastLayout,
-        locate: Callable[[str], str | None],
-        rows: np.ndarray,
-        positions: np.ndarray,
-        n: int,
-    ) -> tuple[np.ndarray, list[Task]]:
+    def _out_spec(self, field: str, layout: FastLayout) -> tuple[tuple[int, ...], np.dtype[Any]]:
+        """Row shape and dtype the fast path decodes ``field`` into (cast while decoding)."""
         shape = list(layout.shape[1:])
         if self.seq_len is not None:
             shape[0] = min(self.seq_len, shape[0])
         coded = field == "topk_logprobs" and self.manifest.topk_codec != "fp16"
         dtype = layout.dtype if coded else TENSOR_DTYPES.get(field, layout.dtype)  # decoded later
-        out = np.empty((n, *shape), dtype=dtype)
-        return out, layout.tasks(locate, rows, out, self.seq_len, positions)
+        return tuple(shape), np.dtype(dtype)
 
     def read(self, rows: np.ndarray) -> RowBlock:
         """Rows in yield order (repeats allowed) of every field, as a RowBlock.
@@ -199,26 +197,27 @@ class BlockReader:
         uniq, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
         repeat = np.flatnonzero(first[inverse] != np.arange(len(rows)))
-        data: dict[str, np.ndarray] = {}
+        locate = self.locate
+        fast = {f: lay for f, lay in self.layouts.items() if lay is not None and locate}
+        specs = {f: self._out_spec(f, layout) for f, layout in fast.items()}
+        arena = Arena([((len(rows), *shape), dt) for shape, dt in specs.values()], self.shared)
+        data: dict[str, np.ndarray] = dict(zip(fast, arena.arrays, strict=True))
         tasks: list[Task] = []
-        slow = []
-        for field, layout in self.layouts.items():
-            if layout is None or self.locate is None:
-                slow.append(field)
-                continue
-            data[field], more = self._fast(field, layout, self.locate, uniq, first, len(rows))
-            tasks += more
+        for field, layout in fast.items():
+            if locate is not None:
+                tasks += layout.tasks(locate, uniq, data[field], self.seq_len, first)
         done = [self.pool.submit(t) for t in tasks]
-        for field in slow:
-            data[field] = read_rows(self.arrays[field], uniq, self.seq_len)[inverse]
+        for field in self.layouts:
+            if field not in fast:
+                data[field] = read_rows(self.arrays[field], uniq, self.seq_len)[inverse]
         for fut in done:
             fut.result()
         if repeat.size:
-            for field in self.layouts:
-                if field not in slow:
-                    data[field][repeat] = data[field][first[inverse[repeat]]]
+            for field in fast:
+                data[field][repeat] = data[field][first[inverse[repeat]]]
         data = {f: data[f] for f in self.arrays}
         tensors = to_tensors(self.manifest, rows, data, self.fields, self.seq_len, self.bases)
+        tensors = {k: arena.adopt(t) for k, t in tensors.items()}
         nbytes = sum(
             t.numel() * t.element_size() for k, t in tensors.items() if k != "temperatures"
         )

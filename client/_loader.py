@@ -6,8 +6,9 @@ dataset, which makes ``dataset.state_dict()`` exact at any step.
 
 Batches are made by the dataset (:meth:`CacheDataset.iter_batches`: views of decoded blocks)
 rather than collated row by row by the DataLoader, which would copy every row once more, in the
-main process when there are no workers. A worker's batches travel to the main process as views
-of one shared-memory block per field, so they are not copied per batch either.
+main process when there are no workers. A worker decodes a block into shared memory and sends
+it to the main process once; its batches then cross as offsets into it (:mod:`._shm`), so they
+are neither copied nor passed as one file descriptor per tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kdcache.client._shm import PackedBatch, Packer, Unpacker
 
 if TYPE_CHECKING:
     from kdcache.client.dataset import CacheDataset
@@ -24,20 +27,27 @@ if TYPE_CHECKING:
 __all__ = ["CacheLoader"]
 
 
-class _Batches(IterableDataset[dict[str, torch.Tensor]]):
+class _Batches(IterableDataset[Any]):
     """The dataset's batches as the items of an IterableDataset (a DataLoader with
-    ``batch_size=None`` passes them through as they are)."""
+    ``batch_size=None`` passes them through as they are); ``pack``: in a worker, as
+    :class:`PackedBatch` es (see :mod:`kdcache.client._shm`)."""
 
-    def __init__(self, dataset: CacheDataset, batch_size: int) -> None:
+    def __init__(self, dataset: CacheDataset, batch_size: int, pack: bool = False) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
+        self.pack = pack
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self.dataset.iter_batches(self.batch_size)
+    def __iter__(self) -> Iterator[Any]:
+        batches = self.dataset.iter_batches(self.batch_size)
+        info = get_worker_info()
+        if not self.pack or info is None:
+            return batches
+        packer = Packer(info.id)
+        return (packer.pack(b) for b in batches)
 
 
 class CacheLoader:
@@ -63,8 +73,10 @@ class CacheLoader:
                 )
         self.dataset = dataset
         self.batch_size = batch_size
+        # pinning runs in the DataLoader's thread on what workers send: leave it torch's tensors
+        pack = not kwargs.get("pin_memory")
         self.dataloader: DataLoader[Any] = DataLoader(
-            _Batches(dataset, batch_size), batch_size=None, **kwargs
+            _Batches(dataset, batch_size, pack), batch_size=None, **kwargs
         )
 
     def __len__(self) -> int:
@@ -72,7 +84,9 @@ class CacheLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         counting = self.dataloader.num_workers > 0  # without workers the dataset counts itself
-        for batch in self.dataloader:
+        unpacker = Unpacker()
+        for item in self.dataloader:
+            batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
             if counting:
                 self.dataset._count(len(batch["row"]))
             yield batch

@@ -288,5 +288,11 @@ class FastLayout:
             raise IntegrityError(f"{where}: cannot be decoded ({err}); it is corrupt") from err
         if chunk.basic and not chunk.direct:
             _cast_into(out[chunk.target], dest[chunk.source])
+        elif not chunk.direct and out.dtype == np.float32 and dest.dtype == np.float16:
+            # rows of the chunk scattered to their places: row by row, so each is a basic
+            # view that _cast_into converts at memory speed (numpy's fancy-index cast does not)
+            src_rows, dst_rows, rest = chunk.source[0], chunk.target[0], chunk.source[1:]
+            for i, j in zip(src_rows.tolist(), dst_rows.tolist(), strict=True):
+                _cast_into(out[(j, *chunk.target[1:])], dest[(i, *rest)])
         elif not chunk.direct:
             out[chunk.target] = dest[chunk.source]

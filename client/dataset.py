@@ -294,7 +294,10 @@ class CacheDataset(IterableDataset[Sample]):
             locate = _cache_locator(remote.cache)
         pool = ThreadPoolExecutor(self._threads_here(), thread_name_prefix="kdcache-read")
         bases = hidden_bases(reader) if self.decode_hidden else None
-        blocks = BlockReader(manifest, arrays, self.seq_len, pool, locate, fields, bases=bases)
+        shared = get_worker_info() is not None  # batches leave through torch's shared memory
+        blocks = BlockReader(
+            manifest, arrays, self.seq_len, pool, locate, fields, bases=bases, shared=shared
+        )
         return _Opened(os.getpid(), reader, blocks, remote)
 
     def _threads_here(self) -> int:
