@@ -18,7 +18,7 @@ import torch
 
 from kdcache.client._fields import expand_fields, stored_arrays, to_tensors
 from kdcache.client._remote import RemoteStorage, policy
-from kdcache.client._service import ServiceStorage, prefetch_rows
+from kdcache.client._service import ServiceStorage, prefetch_metadata, prefetch_rows
 from kdcache.core.errors import CacheNotFoundError, KDCacheError, NotFound
 from kdcache.core.format import ARRAY_LOSS_MASK, Manifest
 from kdcache.core.hidden_basis import Basis, read_basis, read_basis_record
@@ -75,6 +75,7 @@ def open_reader(
     base, cache_id = m.group(1), m.group(2)
     token = token if token is not None else os.environ.get("KDCACHE_TOKEN")
     storage = ServiceStorage(base, cache_id, token, retry=policy(3, 0.2))
+    prefetch_metadata(storage)  # 2 requests, not one per array
     reader = CacheReader(
         storage.url,
         storage=wrap_storage(storage) if wrap_storage is not None else storage,

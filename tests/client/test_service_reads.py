@@ -82,6 +82,17 @@ def test_http_batches_equal_local(
     _same(TeacherCache(url).batch(rows), TeacherCache(cache_dir37).batch(rows))
 
 
+def test_open_reads_all_metadata_in_two_requests(served37: tuple[str, Counted]) -> None:
+    url, counted = served37
+    counted.reset()
+    cache = TeacherCache(url)
+    store = url.removeprefix(url.split("/v1/")[0])
+    # the group's zarr.json, then every array's in one ranges request (not one GET per array)
+    assert counted.requests == [("GET", f"{store}/store/zarr.json"), ("POST", f"{store}/ranges")]
+    assert len(cache.reader.arrays) >= 5
+    assert not cache.reader.storage.prefetched.parts, "prefetched metadata left unread"
+
+
 def test_one_connection_and_one_request_per_batch(served37: tuple[str, Counted]) -> None:
     url, counted = served37
     cache = TeacherCache(url)
