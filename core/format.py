@@ -40,6 +40,7 @@ from kdcache.core.hidden_codec import (
 )
 from kdcache.core.layout import shard_key
 from kdcache.core.topk_codec import logprobs_storage
+from kdcache.core.topk_companded import COMPANDED_LEVELS
 
 __all__ = [
     "ARRAY_INPUT_IDS",
@@ -158,7 +159,8 @@ class ArraySpec:
     shuffle: str = "shuffle"
     """Blosc's shuffle for this array: ``shuffle`` (bytes) or ``bitshuffle``."""
     compression: str = "blosc"
-    """The writer's codec chain: ``blosc`` (every array by default), or one of the ``xz-*``
+    """The writer's codec chain: ``blosc`` (every array by default), ``blosc-ranks`` (chunks
+    transposed rank-major, Blosc bit shuffle: companded top-k codes), or one of the ``xz-*``
     chains of a ``lossless-xz`` cache's top-k arrays (core.writer.XZ_CHAINS)."""
 
 
@@ -289,8 +291,13 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
                 ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32", compression="xz-planes"),
             ]
         else:
+            # companded codes: each chunk rank-major, then bit planes, so every rank's small
+            # codes (and every position's ends) sit together: 10-35% fewer bytes
+            lp_chain = "blosc-ranks" if m.topk_codec in COMPANDED_LEVELS else "blosc"
             out += [
-                ArraySpec(ARRAY_LOGPROBS, (t, width), stored, "float16", coding),
+                ArraySpec(
+                    ARRAY_LOGPROBS, (t, width), stored, "float16", coding, compression=lp_chain
+                ),
                 ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype, shuffle=shuffle),
                 ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
             ]

@@ -78,6 +78,11 @@ def _codecs(spec: ArraySpec) -> dict[str, Any]:
     """``filters`` and ``compressors`` of ``create_array`` for ``spec``."""
     if spec.compression == "blosc":
         return {"compressors": compressors(spec.shuffle, _clevel(spec.name))}
+    if spec.compression == "blosc-ranks":  # (rows, T, w) chunks stored as (w, rows, T)
+        return {
+            "filters": [TransposeCodec(order=(2, 0, 1))],
+            "compressors": compressors("bitshuffle", _clevel(spec.name)),
+        }
     itemsize = np.dtype(spec.dtype).itemsize
     planes = Shuffle(elementsize=itemsize)
     if spec.compression == "xz-ranks":  # (rows, T, k) chunks stored as (k, rows, T): by rank
@@ -94,7 +99,7 @@ def _codecs(spec: ArraySpec) -> dict[str, Any]:
 
 def _create_array(group: zarr.Group, spec: ArraySpec, m: Manifest) -> None:
     itemsize = np.dtype(spec.dtype).itemsize
-    row_target = ROW_CHUNK_BYTES if spec.compression == "blosc" else XZ_ROW_CHUNK_BYTES
+    row_target = ROW_CHUNK_BYTES if spec.compression.startswith("blosc") else XZ_ROW_CHUNK_BYTES
     chunks = plan_chunks(spec.row_shape, itemsize, m.rows_per_shard, row_target=row_target)
     shards = (m.rows_per_shard, *spec.row_shape)
     attrs: dict[str, Any] = (

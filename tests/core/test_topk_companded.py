@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
+from zarr.codecs import TransposeCodec
 
 from kdcache.client import TeacherCache
 from kdcache.core.reader import CacheReader
@@ -103,6 +105,14 @@ def test_companded_cache_reads_through_the_client(
     reader = CacheReader(url)
     assert reader.manifest.topk_codec == "q8c" and reader.manifest.format_version == 2
     assert all(c.ok for c in reader.verify())
+    # chunks are stored rank-major (Zarr's core transpose codec): plain zarr-python and
+    # TensorStore both read the (N, T, 4 + k) codes back
+    arr = zarr.open_array(f"{url}/topk/logprobs", mode="r")
+    inner = arr.metadata.codecs[0].codecs  # type: ignore[union-attr]
+    assert isinstance(inner[0], TransposeCodec) and inner[0].order == (2, 0, 1)
+    ts = pytest.importorskip("tensorstore")
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{url}/topk/logprobs"}}
+    np.testing.assert_array_equal(ts.open(spec).result().read().result(), arr[:])
     rows = list(range(reader.manifest.num_rows))
     ref = TeacherCache(ref_url).batch(rows, fields=["topk"])
     got = TeacherCache(url).batch(rows, fields=["topk"])
