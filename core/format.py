@@ -39,7 +39,7 @@ from kdcache.core.hidden_codec import (
     scale_array,
 )
 from kdcache.core.layout import shard_key
-from kdcache.core.topk_codec import logprobs_storage
+from kdcache.core.topk_codec import is_xz, logprobs_storage
 from kdcache.core.topk_companded import COMPANDED_LEVELS
 
 __all__ = [
@@ -67,8 +67,8 @@ __all__ = [
 FORMAT_VERSION = 1
 FORMAT_VERSIONS = (1, 2, 3)
 """Versions this code reads and writes: 2 = 1 plus coded ``topk/logprobs`` (core.topk_codec)
-and coded hidden states (core.hidden_codec); 3 = 2 plus ``lossless-xz`` (LZMA2 chains and the
-``topk_id_order`` code of ``topk/indices``), which readers of version 2 could not decode."""
+and coded hidden states (core.hidden_codec); 3 = 2 plus the ``-xz`` top-k codes (LZMA2 chains
+and the ``topk_id_order`` code of ``topk/indices``), which readers of version 2 cannot decode."""
 MANIFEST_KEY = "kdcache"
 ARRAY_INPUT_IDS = "input_ids"
 ARRAY_LOGPROBS = "topk/logprobs"
@@ -195,7 +195,7 @@ class Manifest:
     """The cache has a ``loss_mask`` array (caches written before issue 8 do not)."""
     topk_codec: str = "fp16"
     topk_id_order: list[int] = field(default_factory=list)
-    """``lossless-xz``: ids listed first in the code of ``topk/indices`` (topk_codec.IdOrder)."""
+    """An ``-xz`` code's ids listed first in ``topk/indices``' code (topk_codec.IdOrder)."""
     hidden_codec: str = "exact"
     format_version: int = FORMAT_VERSION
 
@@ -274,7 +274,7 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         width, stored = logprobs_storage(m.topk_codec, k)
         coding = m.topk_codec if coded else ""
         shuffle = "bitshuffle" if coded else "shuffle"
-        if m.topk_codec == "lossless-xz":
+        if is_xz(m.topk_codec):
             ids_coding = "id_order" if m.topk_id_order else ""
             out += [
                 ArraySpec(

@@ -33,7 +33,24 @@ __all__ = [
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HiddenDType = Literal["bfloat16", "float16", "float32"]
-TopkCodec = Literal["fp16", "lossless", "lossless-xz", "q8", "q4", "q8c", "q6c", "q4c", "q3c"]
+TopkCodec = Literal[
+    "fp16",
+    "lossless",
+    "q8",
+    "q4",
+    "q8c",
+    "q6c",
+    "q4c",
+    "q3c",
+    "fp16-xz",
+    "lossless-xz",
+    "q8-xz",
+    "q4-xz",
+    "q8c-xz",
+    "q6c-xz",
+    "q4c-xz",
+    "q3c-xz",
+]
 # ASCII digits only: \d also matches other scripts' digits ("uniform:٣"), which int() accepts.
 _UNIFORM = re.compile(r"^uniform:([0-9]{1,6})$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,4}|mps)$")
@@ -167,9 +184,10 @@ class OutputSpec(_Model):
     topk_codec: TopkCodec = Field(
         "fp16",
         description="fp16 (format v1) | lossless (format v2: the same fp16 values and ids in "
-        "fewer bytes) | lossless-xz (format v3: the same in fewer bytes still, LZMA2, slower to "
-        "decode) | q8 | q4 (lossy: 8 / 4-bit log-probs with a range per position) | "
-        "q8c | q6c | q4c | q3c (lossy, companded: less error at the same bits)",
+        "fewer bytes) | q8 | q4 (lossy: 8 / 4-bit log-probs with a range per position) | "
+        "q8c | q6c | q4c | q3c (lossy, companded: less error at the same bits); each with "
+        "-xz (lossless-xz, q4c-xz, ...; format v3): the same values in fewer bytes, LZMA2 and "
+        "the dataset's id order, slower to write and decode",
     )
     hidden_codec: str = Field(
         "exact",

@@ -22,11 +22,12 @@ attribute ``coding`` names the transform and :func:`decode_logprobs` undoes it):
 Indices keep their exact ids (the smallest integer type); the writer stores them with Blosc's
 bit shuffle instead of byte shuffle, which removes the unused high bits of every id.
 
-``lossless-xz`` stores the same log-prob code as ``lossless`` and compresses the three top-k arrays
-harder, for caches that are written once and kept (archives, object stores, slow links), at
-a slower decode (LZMA2 runs at tens of MB/s, Blosc/zstd at hundreds)::
+Every code has an ``-xz`` form (``lossless-xz``, ``q4c-xz``, ...; format v3): the same stored
+values, and the three top-k arrays compressed harder, for caches that are written once and kept
+(archives, object stores, slow links), at a slower decode (LZMA2 runs at tens of MB/s,
+Blosc/zstd at hundreds)::
 
-    topk/logprobs    as ``lossless``; chunks transposed rank-major (zarr ``transpose``), byte
+    topk/logprobs    the code's values; chunks transposed rank-major (zarr ``transpose``), byte
                      planes (numcodecs ``shuffle``), LZMA2 (numcodecs ``lzma``, raw, lc=3)
     topk/indices     each id replaced by its rank in the manifest's ``topk_id_order`` (the
                      dataset's most frequent input tokens first; array attribute ``coding:
@@ -59,19 +60,15 @@ __all__ = [
     "IdOrder",
     "decode_logprobs",
     "encode_logprobs",
+    "is_xz",
     "logprobs_storage",
     "xz_codec",
 ]
 
-TOPK_CODECS: tuple[str, ...] = (
-    "fp16",
-    "lossless",
-    "lossless-xz",
-    "q8",
-    "q4",
-    *COMPANDED_LEVELS,
-)
-_BIT_DELTAS = ("lossless", "lossless-xz")  # the log-prob code of both: deltas of fp16 bits
+XZ = "-xz"
+"""Suffix of a code whose top-k arrays are LZMA2-compressed (format v3): ``lossless-xz``."""
+_CODES: tuple[str, ...] = ("fp16", "lossless", "q8", "q4", *COMPANDED_LEVELS)
+TOPK_CODECS: tuple[str, ...] = (*_CODES, *(c + XZ for c in _CODES))
 ID_ORDER_LIMIT = 1 << 16
 """At most this many ids are listed in ``topk_id_order`` (the others follow in id order)."""
 ID_ORDER_TOKENS = 1 << 22
@@ -79,28 +76,35 @@ ID_ORDER_TOKENS = 1 << 22
 _LEVELS = {"q8": 255, "q4": 15}
 
 
-def _require(codec: str) -> None:
+def _require(codec: str) -> str:
+    """``codec``'s log-prob code (``codec`` without ``-xz``); refuses unknown codecs."""
     if codec not in TOPK_CODECS:
         raise ValueError(f"topk codec must be one of {', '.join(TOPK_CODECS)}; got {codec!r}")
+    return codec.removesuffix(XZ)
+
+
+def is_xz(codec: str) -> bool:
+    """Whether ``codec``'s top-k arrays use the LZMA2 chains and the id order (format v3)."""
+    return codec.endswith(XZ)
 
 
 def logprobs_storage(codec: str, k: int) -> tuple[int, str]:
     """(last-axis length, stored dtype) of ``topk/logprobs`` under ``codec`` for top-``k``."""
-    _require(codec)
+    codec = _require(codec)
     if codec == "fp16":
         return k, "float16"
-    if codec in _BIT_DELTAS:
+    if codec == "lossless":
         return k, "uint16"
     return k + 4, "uint8"
 
 
 def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
     """(..., k) float16 log-probs, sorted descending along k -> the stored array."""
-    _require(codec)
+    codec = _require(codec)
     lp = np.ascontiguousarray(lp, dtype=np.float16)
     if codec == "fp16":
         return lp
-    if codec in _BIT_DELTAS:
+    if codec == "lossless":
         bits = lp.view(np.uint16)
         out = bits.copy()
         out[..., 1:] = bits[..., 1:] - bits[..., :-1]  # wraps mod 2**16: always invertible
@@ -125,10 +129,10 @@ def encode_logprobs(lp: np.ndarray, codec: str) -> np.ndarray:
 
 def decode_logprobs(stored: np.ndarray, codec: str) -> np.ndarray:
     """The stored array -> (..., k) log-probs: float16 (fp16, lossless), float32 (the lossy)."""
-    _require(codec)
+    codec = _require(codec)
     if codec == "fp16":
         return stored
-    if codec in _BIT_DELTAS:
+    if codec == "lossless":
         return np.cumsum(stored, axis=-1, dtype=np.uint16).view(np.float16)
     if codec in COMPANDED_LEVELS:
         return decode_companded(stored, codec)

@@ -39,7 +39,7 @@ from kdcache.core.layout import JOB_SPEC_KEY, cache_url
 from kdcache.core.resolve import JobPlan, TeacherInfo, resolve_job
 from kdcache.core.shards import ShardRecord
 from kdcache.core.spec import JobSpec
-from kdcache.core.topk_codec import ID_ORDER_TOKENS, IdOrder, encode_logprobs
+from kdcache.core.topk_codec import ID_ORDER_TOKENS, IdOrder, encode_logprobs, is_xz
 from kdcache.core.writer import CODECS, CacheWriter
 from kdcache.worker.datasets import DatasetSource, open_checked
 from kdcache.worker.extract import extract_batches
@@ -124,7 +124,7 @@ def build_manifest(
         topk_id_order=list(id_order),
         hidden_codec=spec.outputs.hidden_codec,
         format_version=3
-        if spec.outputs.topk_codec == "lossless-xz"
+        if is_xz(spec.outputs.topk_codec)
         else 1
         if spec.outputs.topk_codec == "fp16" and spec.outputs.hidden_codec == "exact"
         else 2,
@@ -170,7 +170,7 @@ def prepare_job(
     if source.num_rows < 1:
         raise SpecError([Problem("dataset", "the dataset yields no rows")])
     id_order: list[int] = []
-    if plan.spec.outputs.topk_codec == "lossless-xz" and plan.spec.outputs.topk > 0:
+    if is_xz(plan.spec.outputs.topk_codec) and plan.spec.outputs.topk > 0:
         # counted on the dataset's first rows (of a generate job: its prompts), integers only,
         # so that every worker of the job derives the same list (their manifests must match)
         first = source.rows(0, min(source.num_rows, max(1, ID_ORDER_TOKENS // source.seq_len)))

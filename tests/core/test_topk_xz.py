@@ -1,6 +1,6 @@
-"""``topk_codec: lossless-xz`` (format v3): the id code is a bijection, a cache reads back
-bit-equal to format v1 locally, through the dataset and over the service, and plain zarr-python
-opens every array."""
+"""``-xz`` top-k codes (format v3): the id code is a bijection, a ``lossless-xz`` cache reads back
+bit-equal to format v1 locally, through the dataset and over the service, every code's ``-xz``
+form decodes to that code's values, and plain zarr-python opens every array."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def caches(
     root = tmp_path_factory.mktemp("xz") / "root"
     return {
         codec: run_job(parse_spec(_spec(tiny_teacher_dir, tokens_npy, codec)), root)
-        for codec in ("fp16", "lossless-xz")
+        for codec in ("fp16", "lossless-xz", "fp16-xz", "q4c", "q4c-xz")
     }
 
 
@@ -88,6 +88,21 @@ def test_xz_cache_reads_back_bit_equal(caches: dict[str, str], tokens_npy: Path)
     for row, s in streamed.items():
         assert torch.equal(s["topk_indices"], a["topk_indices"][row])
         assert torch.equal(s["topk_logprobs"], a["topk_logprobs"][row])
+
+
+@pytest.mark.parametrize(("xz", "code"), [("fp16-xz", "fp16"), ("q4c-xz", "q4c")])
+def test_every_code_has_an_xz_form_with_the_same_values(
+    caches: dict[str, str], xz: str, code: str
+) -> None:
+    assert CacheReader(caches[xz]).manifest.format_version == 3
+    rows = list(range(CacheReader(caches[code]).manifest.num_rows))
+    a = TeacherCache(caches[code]).batch(rows, fields=["topk"])
+    b = TeacherCache(caches[xz]).batch(rows, fields=["topk"])
+    for key in ("topk_logprobs", "topk_indices", "topk_logsumexp"):
+        assert torch.equal(a[key], b[key]), key
+    if code == "q4c":  # a lossy code: the values are its, not the teacher's
+        ref = TeacherCache(caches["fp16"]).batch(rows, fields=["topk"])["topk_logprobs"]
+        assert not torch.equal(b["topk_logprobs"], ref)
 
 
 def test_plain_zarr_opens_every_array_and_sees_the_codes(caches: dict[str, str]) -> None:
