@@ -251,6 +251,37 @@ def _hidden_on_device(h: torch.Tensor, hidden_dtype: str) -> torch.Tensor:
     return x.view(torch.int16) if hidden_dtype == "bfloat16" else x
 
 
+def _chunk_rows(b: int, v: int, t_chunk: int | None, cpu: bool) -> int:
+    """Positions per chunk of a (b, T, v) batch: ``t_chunk``, else the device's default."""
+    if t_chunk is not None and t_chunk > 0:
+        return t_chunk
+    if cpu:
+        return default_t_chunk(b, v, CPU_CHUNK_BYTES, CPU_MIN_CHUNK_ROWS)
+    return default_t_chunk(b, v, CHUNK_BYTES)
+
+
+def _logits_buffer(
+    scratch: dict[str, torch.Tensor] | None,
+    rows: int,
+    v: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """A float32 (rows, v) buffer kept in ``scratch`` for a float32 fused head (``dtype``: its
+    weight's) on a CPU, else None.
+
+    One buffer serves every chunk of every batch: allocating each chunk's logits afresh costs
+    the kernel's page faults on every chunk (on a CPU the chunk's results are copied out before
+    the next chunk runs, so reuse is safe).
+    """
+    if scratch is None or device.type != "cpu" or dtype != torch.float32:
+        return None
+    buf = scratch.get("logits")
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != v:
+        buf = scratch["logits"] = torch.empty((rows, v), dtype=torch.float32, device=device)
+    return buf
+
+
 def _launch(
     teacher: Teacher,
     ids: np.ndarray,
@@ -260,8 +291,11 @@ def _launch(
     t_chunk: int | None,
     fused: bool,
     row_offset: int = 0,
+    scratch: dict[str, torch.Tensor] | None = None,
 ) -> _Landing:
-    """Queue one batch: forward, per-chunk logits work and copies to the host; no waiting."""
+    """Queue one batch: forward, per-chunk logits work and copies to the host; no waiting.
+
+    ``scratch`` keeps buffers from one batch to the next (see :func:`_logits_buffer`)."""
     b, t = ids.shape
     v = teacher.vocab_size
     x = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
@@ -277,7 +311,9 @@ def _launch(
                 f"{teacher.description}: features of shape {tuple(features.shape)}, "
                 f"expected {(b, t)} + (d,)"
             )
-        logits_of = lambda t0, t1: head(features[:, t0:t1])  # noqa: E731
+        step = _chunk_rows(b, v, t_chunk, device.type == "cpu")
+        buf = _logits_buffer(scratch, b * min(t, step), v, device, head.weight.dtype)
+        logits_of = lambda t0, t1: head(features[:, t0:t1], out=buf)  # noqa: E731
         owned = True  # each chunk's logits are a fresh tensor: the math may run in it
     else:
         out = teacher.forward(x, list(layers))
@@ -292,17 +328,7 @@ def _launch(
     land = _Landing(b, t)
     with torch.inference_mode():
         if want.topk or want.sample_draws:
-            cpu = device.type == "cpu"
-            step = (
-                t_chunk
-                if t_chunk is not None and t_chunk > 0
-                else default_t_chunk(
-                    b,
-                    v,
-                    CPU_CHUNK_BYTES if cpu else CHUNK_BYTES,
-                    CPU_MIN_CHUNK_ROWS if cpu else 0,
-                )
-            )
+            step = _chunk_rows(b, v, t_chunk, device.type == "cpu")
             uniforms = want.uniforms(row_offset, b, t)
             for t0, z in _logit_chunks(t, step, logits_of):
                 u = None if uniforms is None else uniforms[:, t0 : t0 + z.shape[1]]
@@ -373,7 +399,7 @@ def extract(
     _check_args(teacher, topk, temperatures, idt)
     check_ids(ids, teacher.vocab_size, row_offset)
     want = LogitOutputs(topk, tuple(float(t) for t in temperatures), sample_draws, sample_seed)
-    land = _launch(teacher, ids, want, layers, hidden_dtype, t_chunk, fused, row_offset)
+    land = _launch(teacher, ids, want, layers, hidden_dtype, t_chunk, fused, row_offset, {})
     return _finish(land, teacher, idt, hidden_dtype, row_offset, sample_draws)
 
 
@@ -405,6 +431,7 @@ def extract_batches(
     want = LogitOutputs(topk, tuple(float(t) for t in temperatures), sample_draws, sample_seed)
     n = ids.shape[0]
     result: dict[str, np.ndarray] = {}
+    scratch: dict[str, torch.Tensor] = {}
 
     def land(start: int, batch: _Landing) -> None:
         part = _finish(batch, teacher, idt, hidden_dtype, row_offset + start, sample_draws)
@@ -422,7 +449,15 @@ def extract_batches(
     for start in range(0, n, batch_size):
         end = min(n, start + batch_size)
         batch = _launch(
-            teacher, ids[start:end], want, layers, hidden_dtype, t_chunk, fused, row_offset + start
+            teacher,
+            ids[start:end],
+            want,
+            layers,
+            hidden_dtype,
+            t_chunk,
+            fused,
+            row_offset + start,
+            scratch,
         )
         if pending is not None:
             land(*pending)

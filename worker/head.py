@@ -47,14 +47,31 @@ class LMHead:
     def in_features(self) -> int:
         return int(self.weight.shape[1])
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """h: (B, t, d) -> float32 logits (B, t, V) on the head's device.
 
         The product runs in the model's dtype, as the model's own head would, so the result
         equals the unfused logits' ``.float()``; the transforms then run in float32.
+        ``out``: a float32 (rows, V) buffer on the head's device with rows >= B * t that a float32
+        head writes its product into (the result is a view of it): a CPU pass reuses one buffer
+        for every chunk instead of faulting in fresh pages of memory for each.
         """
         w = self.weight
-        z = F.linear(h.to(device=w.device, dtype=w.dtype), w, self.bias).float()
+        x = h.to(device=w.device, dtype=w.dtype)
+        rows = x.shape[:-1].numel()
+        if out is not None and w.dtype == torch.float32 and out.shape[0] >= rows:
+            x2, o2 = x.reshape(rows, x.shape[-1]), out[:rows]
+            if self.bias is None:
+                torch.mm(x2, w.t(), out=o2)
+            else:
+                torch.addmm(self.bias, x2, w.t(), out=o2)
+            z = o2.view(*x.shape[:-1], w.shape[0])
+            if self.scale != 1.0:
+                z.mul_(self.scale)
+            if self.softcap:
+                z.div_(self.softcap).tanh_().mul_(self.softcap)
+            return z
+        z = F.linear(x, w, self.bias).float()
         if self.scale != 1.0:
             z = z * self.scale
         if self.softcap:

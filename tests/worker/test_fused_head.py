@@ -160,6 +160,31 @@ def test_head_config_transforms() -> None:
     torch.testing.assert_close(head(h), lin(h) * 0.125)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_head_into_a_buffer_equals_the_plain_head(bias: bool, softcap: float | None) -> None:
+    """The CPU pass's reused logits buffer gives the float64 reference of the head's formula."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 12, bias=bias)
+    head = LMHead(weight=lin.weight, bias=lin.bias, scale=0.5, softcap=softcap)
+    h = torch.randn(2, 3, 8)
+    buf = torch.full((10, 12), float("nan"))  # more rows than needed: only the first 6 are used
+    with torch.inference_mode():
+        got = head(h, out=buf)
+        plain = head(h)
+    b64 = None if lin.bias is None else lin.bias.detach().double()
+    ref = torch.nn.functional.linear(h.double(), lin.weight.detach().double(), b64) * 0.5
+    if softcap:
+        ref = torch.tanh(ref / softcap) * softcap
+    assert got.shape == (2, 3, 12) and got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert torch.isnan(buf[6:]).all()
+    small = torch.empty(5, 12)  # too few rows: a fresh tensor, the buffer untouched
+    with torch.inference_mode():
+        assert head(h, out=small).data_ptr() != small.data_ptr()
+
+
 def test_non_linear_heads_are_not_fused() -> None:
     class Int8Linear(nn.Linear):
         pass
