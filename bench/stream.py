@@ -11,7 +11,9 @@ the fields read, it measures side by side:
 
 - raw read: every shard file read like ``cat`` (8 MiB reads; hot page cache after the first pass);
 - decode only: every stored chunk decompressed from memory (Blosc, ``--threads`` threads), no
-  I/O; "+ crc" also checks each chunk's CRC-32C, the rest of the stored codec chain;
+  I/O; "+ crc" also checks each chunk's CRC-32C, the rest of the stored codec chain; "-> batch
+  dtypes" also casts into what a batch carries (int64 ids, float32 log-probabilities), in
+  fresh outputs per epoch as CacheDataset has: like with like for the "/ dec->batch" columns;
 - CacheDataset: one shuffled epoch, rows handed to the caller; and through ``ds.loader()`` with
   0 and 2 DataLoader workers (batches collated as training gets them);
 - for the new cache only: the HTTP service and S3 (moto).
@@ -165,16 +167,20 @@ def raw_read(files: list[Path]) -> int:
 
 def chunks_in_memory(url: str, arrays: list[str]) -> list[bytes]:
     """Every stored inner chunk of ``arrays`` (with its CRC-32C), sliced out of its shard."""
-    out = []
-    for name in arrays:
-        meta = json.loads((Path(url) / name / "zarr.json").read_text())
-        shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
-        inner = meta["codecs"][0]["configuration"]["chunk_shape"]
-        n = int(np.prod([s // i for s, i in zip(shard, inner, strict=True)]))
-        for path in shard_files(url, [name]):
-            blob = path.read_bytes()
-            index = np.frombuffer(blob[-(16 * n + 4) : -4], dtype="<u8").reshape(n, 2)
-            out += [blob[o : o + k] for o, k in index.tolist() if o != 2**64 - 1]
+    return [c for name in arrays for c in chunks_of(url, name)]
+
+
+def chunks_of(url: str, name: str) -> list[bytes]:
+    """The stored inner chunks of one array, in shard and chunk order."""
+    out: list[bytes] = []
+    meta = json.loads((Path(url) / name / "zarr.json").read_text())
+    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    inner = meta["codecs"][0]["configuration"]["chunk_shape"]
+    n = int(np.prod([s // i for s, i in zip(shard, inner, strict=True)]))
+    for path in shard_files(url, [name]):
+        blob = path.read_bytes()
+        index = np.frombuffer(blob[-(16 * n + 4) : -4], dtype="<u8").reshape(n, 2)
+        out += [blob[o : o + k] for o, k in index.tolist() if o != 2**64 - 1]
     return out
 
 
@@ -191,6 +197,59 @@ def _chain(chunk: bytes) -> bytes:
 def decode_only(chunks: list[bytes], threads: int, decode: Callable[[bytes], bytes]) -> int:
     with ThreadPoolExecutor(threads) as pool:
         return sum(len(out) for out in pool.map(decode, chunks, chunksize=4))
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of the batch: its array's stored chunks, stored and batch dtypes."""
+
+    chunks: list[bytes]
+    stored: np.dtype[Any]
+    batch: np.dtype[Any]
+
+
+def decode_to_batch(fields: list[Field], threads: int) -> int:
+    """Decode-only that produces what a batch carries: every chunk checked (CRC-32C),
+    decompressed and cast into the batch dtype (int64 ids, float32 log-probs) in one output
+    per field, allocated per call as CacheDataset allocates its blocks. No file I/O, no
+    shuffling, no row placement. Returns the bytes produced."""
+    from kdcache.client._shardread import _cast_into, _scratch_array
+
+    sizes = [sum(_decoded(c) for c in f.chunks) // f.stored.itemsize for f in fields]
+    specs = [((n,), f.batch) for n, f in zip(sizes, fields, strict=True)]
+    try:  # the memory CacheDataset decodes into (kdcache before issue 10's arena: np.empty)
+        from kdcache.client._shm import Arena
+
+        outs = Arena(specs).arrays
+    except ImportError:
+        outs = [np.empty(shape, dt) for shape, dt in specs]
+    work = []
+    for f, out in zip(fields, outs, strict=True):
+        at = 0
+        for c in f.chunks:
+            n = _decoded(c) // f.stored.itemsize
+            work.append((c, f.stored, out[at : at + n]))
+            at += n
+
+    def one(item: tuple[bytes, np.dtype[Any], np.ndarray]) -> int:
+        chunk, stored, dst = item
+        if google_crc32c.value(chunk) != 0x48674BC7:
+            raise ValueError("corrupt chunk")
+        if stored == dst.dtype:
+            numcodecs.blosc.decompress(memoryview(chunk)[:-4], dst)
+        else:
+            tmp = _scratch_array((len(dst),), stored)
+            numcodecs.blosc.decompress(memoryview(chunk)[:-4], tmp)
+            _cast_into(dst, tmp)
+        return dst.nbytes
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, work, chunksize=4))
+
+
+def _decoded(chunk: bytes) -> int:
+    """Decompressed size from the Blosc header (bytes 4..8)."""
+    return int.from_bytes(chunk[4:8], "little")
 
 
 def epoch(make: Callable[[], CacheDataset], workers: int | None, batch: int) -> int:
@@ -278,6 +337,7 @@ class Table:
     def __init__(self, args: argparse.Namespace, tokens: int) -> None:
         self.args, self.tokens = args, tokens
         self.rows: list[Row] = []
+        self.to_batch: dict[str, Cost] = {}  # settings -> decode-only into the batch dtypes
 
     def add(
         self, settings: str, what: str, fn: Callable[[], int], stored: float, dec: Cost
@@ -287,14 +347,35 @@ class Table:
         return cost
 
     def print(self) -> None:
-        head = ("", "", "tokens/s", "MB/s", "tensor MB/s", "/ decode", "CPU s", "/ dec CPU")
-        print("\n  {:4s} {:46s} {:>11s} {:>8s} {:>11s} {:>8s} {:>6s} {:>9s}".format(*head))
+        head = (
+            *("", "", "tokens/s", "MB/s", "tensor MB/s", "/ decode", "CPU s", "/ dec CPU"),
+            *("/ dec->batch", "CPU"),
+        )
+        line = "  {:4s} {:46s} {:>11s} {:>8s} {:>11s} {:>8s} {:>6s} {:>9s} {:>12s} {:>5s}"
+        print("\n" + line.format(*head))
+        nan = Cost(float("nan"), float("nan"))
         for settings, what, c, stored, tensor_mbs, dec in self.rows:
+            tb = self.to_batch.get(settings, nan)
             print(
                 f"  {settings:4s} {what:46s} {self.tokens / c.wall:11,.0f} "
                 f"{stored / c.wall / 1e6:8.1f} {tensor_mbs:11.1f} {dec.wall / c.wall:8.2f} "
-                f"{c.cpu:6.2f} {dec.cpu / c.cpu:9.2f}"
+                f"{c.cpu:6.2f} {dec.cpu / c.cpu:9.2f} {tb.wall / c.wall:12.2f} "
+                f"{tb.cpu / c.cpu:5.2f}"
             )
+
+
+def batch_fields(url: str, arrays: list[str]) -> list[Field]:
+    """The fields a batch carries for ``arrays``, with the dtypes CacheDataset gives them."""
+    from kdcache.client._blocks import TENSOR_DTYPES
+    from kdcache.client._fields import TOPK_KEYS
+
+    by_array = {"input_ids": "input_ids", **{a: f for f, a in TOPK_KEYS.items()}}
+    out = []
+    for name in arrays:
+        stored = np.dtype(zarr.open_array(str(Path(url) / name), mode="r").dtype)
+        batch = TENSOR_DTYPES.get(by_array.get(name, ""), stored)
+        out.append(Field(chunks_of(url, name), stored, batch))
+    return out
 
 
 def measure_local(
@@ -320,6 +401,15 @@ def measure_local(
         dec,
     )
     table.rows.append((settings, f"decode only, blosc + crc ({threads})", dec, stored, nan, dec))
+    fields = batch_fields(url, arrays)
+    to_batch = table.add(
+        settings,
+        f"decode only -> batch dtypes ({threads})",
+        lambda: decode_to_batch(fields, args.threads),
+        stored,
+        dec,
+    )
+    table.to_batch[settings] = to_batch
     make = lambda: CacheDataset(url, **kw)  # noqa: E731
     table.add(settings, "CacheDataset local, rows", lambda: epoch(make, None, 0), stored, dec)
     for w in args.workers:

@@ -209,18 +209,31 @@ class FastLayout:
         ci = local // self.inner[0]
         # chunks covering [0, t_len) on axis 1 and everything on the other axes
         spans = [range(-(-t_len // self.inner[1]))] + [range(g) for g in self.grid[2:]]
+        parts = [
+            (
+                coords,
+                int(np.ravel_multi_index(coords, self.grid[1:])),
+                *self._regions(coords, t_len, rest),
+            )
+            for coords in product(*spans)
+        ]
         whole_rows = t_len == self.shape[1] and self.inner[1:] == rest
         same_dtype = out.dtype == self.dtype
+        spans_of = index.reshape(index.shape[0], -1, 2).tolist()  # [chunk row][coords] -> pair
         chunks: list[_Chunk] = []
-        for c in np.unique(ci).tolist():
-            sel = np.flatnonzero(ci == c)
-            in_chunk, out_rows = local[sel] - c * self.inner[0], places[sel]
-            n = len(out_rows)
+        # ``rows`` are sorted, so each chunk's rows are one run of ``ci``
+        cuts = np.flatnonzero(np.diff(ci)) + 1
+        for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(ci)], strict=True):
+            c = int(ci[lo])
+            in_chunk, out_rows = local[lo:hi] - c * self.inner[0], places[lo:hi]
+            n = hi - lo
             first = int(out_rows[0])
-            dense = n == self.inner[0] and bool(np.all(np.diff(out_rows) == 1))
-            for coords in product(*spans):
-                start, nbytes = (int(v) for v in index[(c, *coords)])
-                region, dst = self._regions(coords, t_len, rest)
+            dense = n == self.inner[0] and int(out_rows[-1]) - first == n - 1
+            dense = dense and (n < 3 or bool(np.all(np.diff(out_rows) == 1)))
+            direct = dense and whole_rows and same_dtype
+            basic = dense or n == 1
+            for coords, flat, region, dst in parts:
+                start, nbytes = spans_of[c][flat]
                 if dense:
                     source: tuple[Any, ...] = (slice(None), *region)
                     target: tuple[Any, ...] = (slice(first, first + n), *dst)
@@ -228,8 +241,6 @@ class FastLayout:
                     source, target = (int(in_chunk[0]), *region), (first, *dst)
                 else:
                     source, target = (in_chunk, *region), (out_rows, *dst)
-                direct = dense and whole_rows and same_dtype
-                basic = dense or n == 1
                 chunks.append(_Chunk(start, nbytes, (c, *coords), source, target, direct, basic))
         return chunks
 

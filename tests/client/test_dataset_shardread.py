@@ -65,6 +65,23 @@ def test_fast_path_equals_zarr(tmp_path: Path, crop: int | None, out_dtype: str)
         np.testing.assert_array_equal(read_rows(arr, rows, crop), data[rows, :t])
 
 
+@pytest.mark.parametrize("crop", [None, 5])
+def test_rows_land_at_their_positions_cast(tmp_path: Path, crop: int | None) -> None:
+    # rows of one chunk scattered to far-apart places, cast float16 -> float32 on the way
+    arr, data = _array(tmp_path)
+    layout = FastLayout.of(arr)
+    assert layout is not None
+    rows = np.arange(23)
+    places = np.random.default_rng(3).permutation(23)
+    t = 12 if crop is None else crop
+    out = np.full((23, t, 3), np.nan, dtype="float32")
+    for task in layout.tasks(_locate(tmp_path), rows, out, crop, places):
+        task()
+    expected = np.empty_like(out)
+    expected[places] = data[rows, :t].astype("float32")
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_missing_shard_object_is_an_error(tmp_path: Path) -> None:
     arr, _ = _array(tmp_path, write_empty=False)
     layout = FastLayout.of(arr)
