@@ -200,7 +200,8 @@ class BlockReader:
         locate = self.locate
         fast = {f: lay for f, lay in self.layouts.items() if lay is not None and locate}
         specs = {f: self._out_spec(f, layout) for f, layout in fast.items()}
-        arena = Arena([((len(rows), *shape), dt) for shape, dt in specs.values()], self.shared)
+        shapes = [((len(rows), *shape), dt) for shape, dt in specs.values()]
+        arena = Arena(shapes, shared=self.shared and bool(shapes))
         data: dict[str, np.ndarray] = dict(zip(fast, arena.arrays, strict=True))
         tasks: list[Task] = []
         for field, layout in fast.items():
