@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CODECS = ("exact", "int8", "fp8", "pca:64", "pca:32", "pca:16")
+CODECS = ("exact", "int8", "int6", "int5", "int4", "fp8", "pca:64", "pca:32", "pca:16")
 HIDDEN_PREFIXES = ("hidden/", "hidden_scale/", "hidden_pca/")
 
 

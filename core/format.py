@@ -312,7 +312,7 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
             row = (t, codec.width(m.hidden_size))
             # int8 codes near zero share their high (sign) bits: bit shuffle stores ~10% fewer
             # bytes than byte shuffle (measured by bench/hidden_codecs.py); fp8 does better without
-            shuffle = "bitshuffle" if codec.kind == "int8" else "shuffle"
+            shuffle = "bitshuffle" if codec.code_dtype("") == "int8" else "shuffle"
             out.append(ArraySpec(hidden_array(layer), row, stored, logical, coding, shuffle))
             if codec.scaled:
                 out.append(ArraySpec(scale_array(layer), (t,), "float32", "float32"))

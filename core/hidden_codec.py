@@ -6,6 +6,9 @@ per layer). ``outputs.hidden_codec`` picks the value coding of every cached laye
     exact   hidden/<l>            (N, T, d)  hidden_dtype (bfloat16 as uint16 bits): format v1
     int8    hidden/<l>            (N, T, d)  int8     round(h / s), s = absmax(h_token) / 127
             hidden_scale/<l>      (N, T)     float32  s, one per token
+    int6 | int5 | int4                            as int8 with s = absmax / 31 | 15 | 7: fewer
+                                                  bits per value (int8 arrays, bit-shuffled,
+                                                  so the unused high bit planes cost ~nothing)
     fp8     hidden/<l>            (N, T, d)  uint8    float8 e4m3 bits of h / s (round to nearest
                                                       even), s = absmax(h_token) / 448
             hidden_scale/<l>      (N, T)     float32  s, one per token
@@ -50,12 +53,12 @@ __all__ = [
     "to_storage",
 ]
 
-HIDDEN_CODECS: tuple[str, ...] = ("exact", "int8", "fp8", "pca:R")
+HIDDEN_CODECS: tuple[str, ...] = ("exact", "int8", "int6", "int5", "int4", "fp8", "pca:R")
 """The codec names; ``pca:R`` takes the rank R, a positive integer at most the hidden width."""
 PCA_FIT_TOKENS = 8192
 """The basis is fitted on at least this many tokens (and at least 16 R) of the first rows."""
 _PCA = re.compile(r"^pca:([0-9]{1,6})$")
-_INT8_MAX = 127.0
+_INT_MAX = {"int8": 127.0, "int6": 31.0, "int5": 15.0, "int4": 7.0}
 _FP8_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
 
 
@@ -72,8 +75,8 @@ class HiddenCodec:
 
     @property
     def scaled(self) -> bool:
-        """8-bit codes with a per-token scale array (int8, fp8)."""
-        return self.kind in ("int8", "fp8")
+        """Codes with a per-token scale array (int8 / int6 / int5 / int4, fp8)."""
+        return self.kind in _INT_MAX or self.kind == "fp8"
 
     def width(self, hidden_size: int) -> int:
         """The last axis of ``hidden/<layer>``: R for pca, else d."""
@@ -81,18 +84,21 @@ class HiddenCodec:
 
     def code_dtype(self, hidden_storage: str) -> str:
         """The stored dtype of ``hidden/<layer>`` (``hidden_storage``: exact's stored dtype)."""
-        return {"int8": "int8", "fp8": "uint8"}.get(self.kind, hidden_storage)
+        if self.kind in _INT_MAX:
+            return "int8"
+        return "uint8" if self.kind == "fp8" else hidden_storage
 
 
 def parse_hidden_codec(value: str) -> HiddenCodec:
-    """``"exact"`` | ``"int8"`` | ``"fp8"`` | ``"pca:R"`` -> :class:`HiddenCodec`; ValueError
-    naming the accepted forms otherwise."""
-    if value in ("exact", "int8", "fp8"):
+    """``"exact"`` | ``"int8"`` | ``"int6"`` | ``"int5"`` | ``"int4"`` | ``"fp8"`` | ``"pca:R"``
+    -> :class:`HiddenCodec`; ValueError naming the accepted forms otherwise."""
+    if value in ("exact", "fp8", *_INT_MAX):
         return HiddenCodec(value)
     m = _PCA.match(value) if isinstance(value, str) else None
     if m is None or int(m.group(1)) < 1:
         raise ValueError(
-            f"must be one of exact, int8, fp8 or pca:R with R a positive integer; got {value!r}"
+            "must be one of exact, int8, int6, int5, int4, fp8 or pca:R with R a positive "
+            f"integer; got {value!r}"
         )
     return HiddenCodec("pca", int(m.group(1)))
 
@@ -149,19 +155,20 @@ def encode_scaled(h: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(..., d) float hidden states -> (codes (..., d) int8 | uint8, scales (...) float32).
 
     The scale of a token maps its largest magnitude to the code's largest value (127 for int8,
-    448 for fp8); an all-zero token gets scale 0 and zero codes.
+    31 / 15 / 7 for int6 / int5 / int4, 448 for fp8); an all-zero token gets scale 0 and zero
+    codes.
     """
     x = np.asarray(h, dtype=np.float32)
     absmax = np.abs(x).max(axis=-1)
-    top = _INT8_MAX if kind == "int8" else _FP8_MAX
+    top = _INT_MAX.get(kind, _FP8_MAX)
     scale = (absmax / top).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)[..., None]
     y = x / safe
-    if kind == "int8":
-        return np.clip(np.rint(y), -_INT8_MAX, _INT8_MAX).astype(np.int8), scale
+    if kind in _INT_MAX:
+        return np.clip(np.rint(y), -top, top).astype(np.int8), scale
     if kind == "fp8":
         return encode_fp8(y), scale
-    raise ValueError(f"encode_scaled codes int8 or fp8, not {kind!r}")
+    raise ValueError(f"encode_scaled codes {', '.join(_INT_MAX)} or fp8, not {kind!r}")
 
 
 def decode_scaled(codes: np.ndarray, scale: np.ndarray, kind: str) -> np.ndarray:

@@ -191,7 +191,8 @@ class OutputSpec(_Model):
     )
     hidden_codec: str = Field(
         "exact",
-        description="exact (hidden_dtype, format v1) | int8 | fp8 (8-bit codes with a scale per "
+        description="exact (hidden_dtype, format v1) | int8 | int6 | int5 | int4 | fp8 (codes "
+        "with a scale per "
         "token) | pca:R (R principal components, basis fitted on the first rows)",
     )
 

@@ -52,6 +52,19 @@ def test_int8_within_half_a_step_of_the_reference() -> None:
     assert _rel_err(back, h).mean() < 0.02
 
 
+@pytest.mark.parametrize(("kind", "top"), [("int6", 31), ("int5", 15), ("int4", 7)])
+def test_fewer_bit_ints_within_half_a_step(kind: str, top: int) -> None:
+    h = _hidden()
+    codes, scale = encode_scaled(h.astype(np.float32), kind)
+    assert codes.dtype == np.int8 and np.abs(codes).max() == top  # the full range, no more
+    back = decode_scaled(codes, scale, kind)
+    step = np.abs(h).max(-1) / top
+    np.testing.assert_allclose(scale, step, rtol=1e-6)
+    assert (np.abs(back - h) <= 0.5 * step[..., None] * (1 + 1e-5) + 1e-6 * np.abs(h)).all()
+    int8 = decode_scaled(*encode_scaled(h.astype(np.float32), "int8"), "int8")
+    assert _rel_err(back, h).mean() > 2 * _rel_err(int8, h).mean()  # fewer bits, more error
+
+
 def test_fp8_bits_equal_torch_float8_e4m3fn() -> None:
     x = np.concatenate(
         [
@@ -143,12 +156,12 @@ def _spec(**outputs: object) -> dict:
     }
 
 
-@pytest.mark.parametrize("value", ["int8", "fp8", "pca:16", "exact"])
+@pytest.mark.parametrize("value", ["int8", "int6", "int5", "int4", "fp8", "pca:16", "exact"])
 def test_spec_accepts_the_codecs(value: str) -> None:
     assert parse_spec(_spec(hidden_codec=value)).outputs.hidden_codec == value
 
 
-@pytest.mark.parametrize("value", ["int4", "pca", "pca:0", "pca:-3", "pca:x", "PCA:4", 8])
+@pytest.mark.parametrize("value", ["int3", "pca", "pca:0", "pca:-3", "pca:x", "PCA:4", 8])
 def test_spec_names_the_field_and_the_bad_value(value: object) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(_spec(hidden_codec=value))

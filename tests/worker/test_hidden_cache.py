@@ -90,6 +90,20 @@ def test_8bit_caches_decode_within_their_bounds(
         assert rel.mean() < (0.01 if codec == "int8" else 0.03), rel.mean()
 
 
+def test_int4_cache_decodes_within_half_a_step(
+    caches: dict[str, str], tmp_path: Path, tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    url = run_job(parse_spec(_spec(tiny_teacher_dir, tokens_npy, "int4")), tmp_path)
+    g = zarr.open_group(url, mode="r")
+    assert g["hidden/1"].dtype == np.int8 and g["hidden/1"].attrs["coding"] == "int4"
+    assert int(np.abs(g["hidden/1"][:]).max()) == 7
+    batch = TeacherCache(url).batch(np.arange(8), ["hidden"])
+    for layer in LAYERS:
+        ref = _exact(caches, layer)
+        step = np.abs(ref).max(-1, keepdims=True) / 7.0
+        assert (np.abs(batch[f"hidden_{layer}"].numpy() - ref) <= 0.5 * step * 1.0001 + 1e-6).all()
+
+
 def test_pca_cache_holds_codes_in_the_basis_fitted_on_the_first_rows(
     caches: dict[str, str],
 ) -> None:
