@@ -67,6 +67,12 @@ def _settings(sample_ns: Sequence[int]) -> list[tuple[str, dict[str, Any]]]:
             "k16-lossless-s32sums",
             {"topk": 16, "topk_codec": "lossless", "sample_draws": 32, "sample_logprobs": False},
         ),  # fmt: skip
+        # the same draws under an -xz code: ids in the dataset's id order, LZMA2
+        ("k16-lossless-xz-s32", {"topk": 16, "topk_codec": "lossless-xz", "sample_draws": 32}),
+        (
+            "k16-lossless-xz-s32sums",
+            {"topk": 16, "topk_codec": "lossless-xz", "sample_draws": 32, "sample_logprobs": False},
+        ),  # fmt: skip
     ]
 
 
@@ -278,7 +284,9 @@ def table(caches: dict, errors: dict, sample_ns: Sequence[int]) -> list[str]:
         uniq = float(errors[f"unique:{label}"].mean())
         lines.append(
             _row(
-                f"sampled N={n}" + ("" if outputs.get("sample_logprobs", True) else " (sums)"),
+                f"sampled N={n}"
+                + ("" if outputs.get("sample_logprobs", True) else " (sums)")
+                + (" xz" if str(outputs.get("topk_codec", "")).endswith("-xz") else ""),
                 parts,
                 f"tail {e.mean():+.4f} ± {se:.4f}",
                 f"{uniq:.1f} unique ids/position",

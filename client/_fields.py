@@ -166,7 +166,7 @@ def _id_order(manifest: Manifest) -> IdOrder:
 
 
 def _tensor(field: str, data: np.ndarray, manifest: Manifest) -> torch.Tensor:
-    if field == "topk_indices" and manifest.topk_id_order:  # lossless-xz: ranks -> ids
+    if field in ("topk_indices", "sample_indices") and manifest.topk_id_order:  # -xz: codes
         return torch.from_numpy(_id_order(manifest).decode(data))
     if field in ("input_ids", "topk_indices", "sample_indices", "sample_counts"):
         return torch.from_numpy(data.astype(np.int64, copy=False))

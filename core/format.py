@@ -318,12 +318,23 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
                 out.append(ArraySpec(scale_array(layer), (t,), "float32", "float32"))
     if m.sample_draws:
         w, counts = m.sample_width, sample_count_dtype(m.sample_draws)
+        # an -xz code compresses the draws like the top-k: ids in the id order, LZMA2
+        xz = is_xz(m.topk_codec)
+        ids_chain, chain = ("xz-ids", "xz-planes") if xz else ("blosc", "blosc")
+        ids_coding = "id_order" if xz and m.topk_id_order else ""
+        idx = m.index_dtype
         out += [
-            ArraySpec(ARRAY_SAMPLE_INDICES, (t, w), m.index_dtype, m.index_dtype),
-            ArraySpec(ARRAY_SAMPLE_COUNTS, (t, w), counts, counts),
+            ArraySpec(ARRAY_SAMPLE_INDICES, (t, w), idx, idx, ids_coding, compression=ids_chain),
+            ArraySpec(ARRAY_SAMPLE_COUNTS, (t, w), counts, counts, compression=chain),
         ]
         if m.sample_logprobs:
-            out.append(ArraySpec(ARRAY_SAMPLE_LOGPROBS, (t, w), "float16", "float16"))
+            out.append(
+                ArraySpec(ARRAY_SAMPLE_LOGPROBS, (t, w), "float16", "float16", compression=chain)
+            )
         else:
-            out.append(ArraySpec(ARRAY_SAMPLE_LOGPROB_SUMS, (t, 2), "float32", "float32"))
+            out.append(
+                ArraySpec(
+                    ARRAY_SAMPLE_LOGPROB_SUMS, (t, 2), "float32", "float32", compression=chain
+                )
+            )
     return out

@@ -170,7 +170,8 @@ def prepare_job(
     if source.num_rows < 1:
         raise SpecError([Problem("dataset", "the dataset yields no rows")])
     id_order: list[int] = []
-    if is_xz(plan.spec.outputs.topk_codec) and plan.spec.outputs.topk > 0:
+    outputs = plan.spec.outputs
+    if is_xz(outputs.topk_codec) and (outputs.topk > 0 or outputs.sample_draws > 0):
         # counted on the dataset's first rows (of a generate job: its prompts), integers only,
         # so that every worker of the job derives the same list (their manifests must match)
         first = source.rows(0, min(source.num_rows, max(1, ID_ORDER_TOKENS // source.seq_len)))
@@ -252,8 +253,9 @@ class ShardRunner:
             )
         if ARRAY_LOGPROBS in data:
             data[ARRAY_LOGPROBS] = encode_logprobs(data[ARRAY_LOGPROBS], m.topk_codec)
-        if m.topk_id_order and ARRAY_INDICES in data:
-            data[ARRAY_INDICES] = self.id_order.encode(data[ARRAY_INDICES])
+        for name in (ARRAY_INDICES, ARRAY_SAMPLE_INDICES):
+            if m.topk_id_order and name in data:
+                data[name] = self.id_order.encode(data[name])
         if coded:
             raw = {k: v for k, v in data.items() if k.startswith("hidden/")}
             encode_hidden(data, m, basis)

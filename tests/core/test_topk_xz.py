@@ -105,6 +105,27 @@ def test_every_code_has_an_xz_form_with_the_same_values(
         assert not torch.equal(b["topk_logprobs"], ref)
 
 
+@pytest.mark.parametrize("sample_logprobs", [True, False])
+def test_xz_draws_read_back_equal(
+    tmp_path: Path, tiny_teacher_dir: Path, tokens_npy: Path, sample_logprobs: bool
+) -> None:
+    urls = {}
+    for codec in ("lossless", "lossless-xz"):
+        spec = _spec(tiny_teacher_dir, tokens_npy, codec)
+        spec["outputs"].update(sample_draws=16, sample_logprobs=sample_logprobs)
+        urls[codec] = run_job(parse_spec(spec), tmp_path)
+    g = zarr.open_group(urls["lossless-xz"], mode="r")
+    assert g["sample/indices"].attrs["coding"] == "id_order"
+    assert "numcodecs.lzma" in str(g["sample/counts"].metadata.to_dict())
+    rows = list(range(CacheReader(urls["lossless"]).manifest.num_rows))
+    a = TeacherCache(urls["lossless"]).batch(rows, fields=["topk", "sample"])
+    b = TeacherCache(urls["lossless-xz"]).batch(rows, fields=["topk", "sample"])
+    assert {k for k in a if k.startswith("sample_")} == {k for k in b if k.startswith("sample_")}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert int(a["sample_counts"].sum()) == 16 * len(rows) * a["sample_counts"].shape[1]
+
+
 def test_plain_zarr_opens_every_array_and_sees_the_codes(caches: dict[str, str]) -> None:
     g = zarr.open_group(caches["lossless-xz"], mode="r")
     m = CacheReader(caches["lossless-xz"]).manifest
