@@ -69,8 +69,9 @@ XZ = "-xz"
 """Suffix of a code whose top-k arrays are LZMA2-compressed (format v3): ``lossless-xz``."""
 _CODES: tuple[str, ...] = ("fp16", "lossless", "q8", "q4", *COMPANDED_LEVELS)
 TOPK_CODECS: tuple[str, ...] = (*_CODES, *(c + XZ for c in _CODES))
-ID_ORDER_LIMIT = 1 << 16
-"""At most this many ids are listed in ``topk_id_order`` (the others follow in id order)."""
+ID_ORDER_LIMIT = 1 << 14
+"""At most this many ids are listed in ``topk_id_order`` (the others follow in id order): the
+list lives in the manifest (the group's zarr.json), so it stays under ~100 KB of JSON."""
 ID_ORDER_TOKENS = 1 << 22
 """Input tokens counted for ``topk_id_order``: those of the dataset's first rows."""
 _LEVELS = {"q8": 255, "q4": 15}
