@@ -128,6 +128,30 @@ def test_the_schema_is_created_versioned_and_checked(db_url: str) -> None:
         engine.dispose()
 
 
+def test_a_schema_1_database_is_migrated_and_keeps_its_jobs(
+    db_url: str, make_client: Callable[..., TestClient], spec: dict[str, Any]
+) -> None:
+    """What kdcache before schema 2 left behind (no ``jobs.plan``) is migrated in place, on
+    SQLite and PostgreSQL alike, and its jobs lease without a plan."""
+    job = submit(make_client(), spec)
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE jobs DROP COLUMN plan"))
+            conn.execute(text("UPDATE schema_version SET version = 1"))
+        assert init_schema(engine) == SCHEMA_VERSION == 2
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT version FROM schema_version")).scalars().all() == [2]
+            rows = conn.execute(text("SELECT id, plan FROM jobs")).all()
+        assert [(r[0], r[1]) for r in rows] == [(job["id"], None)]  # kept; no plan yet
+        assert init_schema(engine) == 2  # a second start runs nothing again
+    finally:
+        engine.dispose()
+    lease = claim(make_client())
+    assert lease.status_code == 200, lease.text
+    assert lease.json()["job_id"] == job["id"] and lease.json()["plan"] is None
+
+
 def test_submit_is_idempotent_per_cache_and_claims_go_in_order(
     make_client: Callable[..., TestClient], spec: dict[str, Any]
 ) -> None:
