@@ -93,6 +93,10 @@ class CacheIndex:
             completed=[records[k] for k in sorted(records)],
         )
 
+    def known(self, cache_id: str, shard: int | None = None) -> bool:
+        """True when memory alone says the cache exists (and ``shard`` is done): no query."""
+        return cache_id in self._known and (shard is None or (cache_id, shard) in self._done)
+
     def exists(self, cache_id: str) -> bool:
         """True once a job for this cache was submitted."""
         if cache_id in self._known:

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 BLOCK_BYTES = 1 << 20
+_PATHS_KEPT = 1 << 16
 MAX_KEY_CHARS = 512
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 _CACHE_ID = re.compile(r"^[0-9a-f]{1,64}$")
@@ -117,6 +118,7 @@ class FileStat:
 class _Backend(Protocol):
     def stat(self, rel: str) -> FileStat | None: ...
     def read(self, rel: str, start: int, length: int, st: FileStat | None = None) -> bytes: ...
+    def read_into(self, rel: str, reads: list[tuple[int, memoryview]], st: FileStat) -> int: ...
     def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]: ...
 
 
@@ -135,8 +137,14 @@ class _LocalBackend:
     def __init__(self, root: str) -> None:
         self.base = Path(root) / CACHES_DIR
         self._resolved: Path | None = None
+        # rel -> its resolved path inside the root: resolving costs a lstat per path component,
+        # most of a small request's file work, and served keys are read again and again
+        self._paths: dict[str, str] = {}
 
-    def _path(self, rel: str) -> Path | None:
+    def _path(self, rel: str) -> str | None:
+        found = self._paths.get(rel)
+        if found is not None:
+            return found
         try:
             path = (self.base / rel).resolve()
             if self._resolved is None and self.base.is_dir():
@@ -145,14 +153,20 @@ class _LocalBackend:
         except (OSError, RuntimeError, ValueError):  # e.g. a symlink loop
             return None
         # Defence in depth: the key rules already forbid '..'; symlinks must not lead out either.
-        return path if path.is_relative_to(base) else None
+        if not path.is_relative_to(base):
+            return None
+        if len(self._paths) >= _PATHS_KEPT:
+            self._paths.clear()
+        self._paths[rel] = found = str(path)
+        return found
 
     def stat(self, rel: str) -> FileStat | None:
         path = self._path(rel)
         if path is None:
             return None
         try:
-            st = path.stat()
+            # not following a last-component link: a resolved path that became one since
+            st = os.stat(path, follow_symlinks=False)
         except (OSError, ValueError):
             return None
         if not stat.S_ISREG(st.st_mode):
@@ -167,6 +181,20 @@ class _LocalBackend:
         fd = os.open(path, os.O_RDONLY)
         try:
             return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+
+    def read_into(self, rel: str, reads: list[tuple[int, memoryview]], st: FileStat) -> int:
+        fd = os.open(st.path or self._path(rel) or rel, os.O_RDONLY)
+        try:
+            got = 0
+            for start, out in reads:
+                while out:
+                    n = os.preadv(fd, [out], start)
+                    if n <= 0:
+                        return got
+                    got, start, out = got + n, start + n, out[n:]
+            return got
         finally:
             os.close(fd)
 
@@ -202,6 +230,14 @@ class _FsspecBackend:
         data: bytes = self.fs.cat_file(f"{self.base}/{rel}", start=start, end=start + length)
         return data
 
+    def read_into(self, rel: str, reads: list[tuple[int, memoryview]], st: FileStat) -> int:
+        got = 0
+        for start, out in reads:
+            data = self.read(rel, start, len(out))
+            out[: len(data)] = data
+            got += len(data)
+        return got
+
     def blocks(self, rel: str, start: int, length: int) -> Iterator[bytes]:
         with self.fs.open(f"{self.base}/{rel}", "rb") as f:
             yield from _read_blocks(f, start, length)
@@ -212,8 +248,10 @@ class CacheFiles:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._backend: _Backend = _FsspecBackend(root) if is_remote(root) else _LocalBackend(root)
+        self.local = not is_remote(root)
+        self._backend: _Backend = _LocalBackend(root) if self.local else _FsspecBackend(root)
         self._manifests: dict[str, dict[str, Any]] = {}
+        self._dims: dict[str, KeyDims | None] = {}
         self._lock = threading.Lock()
 
     def stat(self, cache_id: str, key: str) -> FileStat | None:
@@ -232,6 +270,26 @@ class CacheFiles:
         """``length`` bytes from ``start`` in one read (fewer when the object is shorter);
         ``st``: the object's :meth:`stat`, which saves finding it again."""
         return self._backend.read(f"{cache_id}/{key}", start, length, st)
+
+    def read_into(
+        self, cache_id: str, key: str, reads: list[tuple[int, memoryview]], st: FileStat
+    ) -> int:
+        """Fill each ``(start, out)`` of ``reads`` with the object's bytes from ``start``,
+        opening it once; the bytes read in all (fewer than asked when the object is shorter)."""
+        return self._backend.read_into(f"{cache_id}/{key}", reads, st)
+
+    def dims(self, cache_id: str) -> KeyDims | None:
+        """The :func:`key_dims` of the cache's manifest, worked out once."""
+        found = self._dims.get(cache_id)
+        if found is not None:
+            return found
+        manifest = self.manifest(cache_id)
+        if manifest is None:
+            return None
+        found = key_dims(manifest)
+        with self._lock:
+            self._dims[cache_id] = found
+        return found
 
     def manifest(self, cache_id: str) -> dict[str, Any] | None:
         """The kdcache manifest in the cache group's attributes; None before it exists.

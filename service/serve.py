@@ -2,43 +2,60 @@
 
 Least copying under uvicorn: ASGI servers other than those with the ``http.response.pathsend``
 or ``zerocopysend`` extensions (uvicorn has neither) cannot ``sendfile(2)``, so every body passes
-through user space once. A body of at most :data:`INLINE_BYTES` is read with one ``pread`` per
-range in the route's worker thread and handed to the server as it is (no joins, no thread hop
-per block); a larger one streams in :data:`~kdcache.service.files.BLOCK_BYTES` blocks.
-Several ranges give ``206 multipart/byteranges`` (RFC 9110 §14.6).
+through user space once. A body of at most :data:`INLINE_BYTES` is read straight into one
+buffer (``preadv``, one open per object) and sent in one message; a larger one streams in
+:data:`~kdcache.service.files.BLOCK_BYTES` blocks. Several ranges give ``206
+multipart/byteranges`` (RFC 9110 §14.6).
+
+Most of a small read's cost is the framework around it, not the file work, so
+:func:`respond` serves on the event loop itself (no hop to a worker thread and back) when it
+needs only local files of at most :data:`LOOP_BYTES` and what the service already remembers
+(the cache exists, the shards are complete); otherwise it runs in the thread pool.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from email.utils import formatdate
+from typing import Any
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from kdcache.core.errors import NotFound, RangeNotSatisfiable, Unprocessable
 from kdcache.core.wire import MAX_RANGE_READ_BYTES, RANGE_LENGTHS_HEADER, RangeReadRequest
-from kdcache.service.files import (
-    CacheFiles,
-    FileStat,
-    classify_key,
-    key_dims,
-    valid_cache_id,
-)
+from kdcache.service.files import CacheFiles, FileStat, classify_key, valid_cache_id
 from kdcache.service.ranges import ByteRange, parse_ranges
 from kdcache.service.store import JobStore
 
 __all__ = [
     "INLINE_BYTES",
+    "LOOP_BYTES",
     "ShardGate",
     "body_response",
     "check_key",
     "ranges_response",
+    "respond",
     "store_response",
 ]
 
 INLINE_BYTES = 16 << 20
+LOOP_BYTES = 4 << 20  # read on the event loop: ~1 ms from the page cache, little more from NVMe
+
+
+class _WouldWait(Exception):
+    """Serving would wait on the database, a remote store or a large read: use a thread."""
+
+
+async def respond(serve: Callable[..., Response], *args: Any, **kw: Any) -> Response:
+    """``serve(*args, **kw, wait=...)`` on the event loop with ``wait=False`` when it needs
+    nothing slow, else in the thread pool with ``wait=True``."""
+    try:
+        return serve(*args, **kw, wait=False)
+    except _WouldWait:
+        return await run_in_threadpool(lambda: serve(*args, **kw, wait=True))
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -51,15 +68,24 @@ def _media_type(key: str) -> str:
 
 
 class ShardGate:
-    """Which keys of one cache may be served, asking the database once per cache and shard."""
+    """Which keys of one cache may be served, asking the database once per cache and shard.
 
-    def __init__(self, files: CacheFiles, store: JobStore, cache_id: str) -> None:
-        self.files, self.store, self.cache_id = files, store, cache_id
-        if not valid_cache_id(cache_id) or not store.caches.exists(cache_id):
+    ``wait=False``: raise :class:`_WouldWait` rather than query the database or a remote store.
+    """
+
+    def __init__(
+        self, files: CacheFiles, store: JobStore, cache_id: str, *, wait: bool = True
+    ) -> None:
+        self.files, self.store, self.cache_id, self.wait = files, store, cache_id, wait
+        if not valid_cache_id(cache_id):
+            raise NotFound(f"no cache {cache_id!r}")
+        if not wait and not (files.local and store.caches.known(cache_id)):
+            raise _WouldWait
+        if not store.caches.exists(cache_id):
             raise NotFound(f"no cache {cache_id!r}")
         self._done: dict[int, bool] = {}
         self._manifest = files.manifest(cache_id)
-        self._dims = key_dims(self._manifest)
+        self._dims = files.dims(cache_id)
 
     def check(self, key: str) -> FileStat:
         """The key's stat when it may be served; NotFound otherwise (never says why it is
@@ -69,6 +95,8 @@ class ShardGate:
         if kind is None:
             raise missing
         if kind.shard is not None:
+            if not self.wait and not self.store.caches.known(self.cache_id, kind.shard):
+                raise _WouldWait
             done = self._done.get(kind.shard)
             if done is None:
                 done = self._done[kind.shard] = self.store.caches.shard_done(
@@ -95,9 +123,27 @@ def _body_bytes(parts: Iterable[_Part]) -> int:
     return sum(len(b) + n + len(a) for _, _, b, _, n, a in parts)
 
 
-async def _pieces(pieces: list[bytes]) -> AsyncIterator[bytes]:
-    for piece in pieces:
-        yield piece
+def _read_body(files: CacheFiles, cache_id: str, parts: list[_Part], total: int) -> memoryview:
+    """The whole body in one buffer: the separators copied in, the objects read into place."""
+    body = memoryview(bytearray(total))
+    reads: dict[str, tuple[FileStat, list[tuple[int, memoryview]]]] = {}
+    at = 0
+    for key, st, before, start, length, after in parts:
+        body[at : at + len(before)] = before
+        at += len(before)
+        reads.setdefault(key, (st, []))[1].append((start, body[at : at + length]))
+        at += length
+        body[at : at + len(after)] = after
+        at += len(after)
+    for key, (st, into) in reads.items():
+        try:
+            got = files.read_into(cache_id, key, into, st)
+        except FileNotFoundError:
+            got = -1
+        if got != sum(len(out) for _, out in into):
+            # the object shrank or went after its stat: never send a short body
+            raise NotFound(f"{key!r} in cache {cache_id} changed while it was read")
+    return body
 
 
 def body_response(
@@ -108,25 +154,21 @@ def body_response(
     status_code: int,
     headers: dict[str, str],
     media_type: str,
+    wait: bool = True,
 ) -> Response:
     """A response whose body is, per part ``(key, stat, before, start, length, after)``: the
     bytes ``before``, ``length`` bytes of ``key`` from ``start``, then ``after``.
 
-    Read here (one ``pread`` per part) when the body is small, else streamed in blocks.
+    Read here into one buffer when the body is small, else streamed in blocks.
     """
     parts = list(parts)
     total = _body_bytes(parts)
+    if not wait and total > LOOP_BYTES:
+        raise _WouldWait
     headers = {**headers, "Content-Length": str(total)}
     if total <= INLINE_BYTES:
-        pieces: list[bytes] = []
-        for key, st, before, start, length, after in parts:
-            data = files.read(cache_id, key, start, length, st)
-            if len(data) != length:  # the object shrank after its stat: never send a short body
-                raise NotFound(f"{key!r} in cache {cache_id} changed while it was read")
-            pieces += [p for p in (before, data, after) if p]
-        return StreamingResponse(
-            _pieces(pieces), status_code=status_code, headers=headers, media_type=media_type
-        )
+        body = _read_body(files, cache_id, parts, total)
+        return Response(body, status_code=status_code, headers=headers, media_type=media_type)
 
     def stream() -> Iterator[bytes]:
         for key, _, before, start, length, after in parts:
@@ -167,9 +209,10 @@ def store_response(
     range_header: str | None,
     if_none_match: str | None,
     if_range: str | None,
+    wait: bool = True,
 ) -> Response:
     """200, 206 (one range, or several as multipart/byteranges) or 304 for one key."""
-    st = check_key(files, store, cache_id, key)
+    st = ShardGate(files, store, cache_id, wait=wait).check(key)
     headers = {
         "ETag": st.etag,
         "Last-Modified": formatdate(st.mtime, usegmt=True),
@@ -193,12 +236,17 @@ def store_response(
         headers["Content-Length"] = str(_body_bytes(parts))
         return Response(status_code=status, headers=headers, media_type=media)
     return body_response(
-        files, cache_id, parts, status_code=status, headers=headers, media_type=media
+        files, cache_id, parts, status_code=status, headers=headers, media_type=media, wait=wait
     )
 
 
 def ranges_response(
-    files: CacheFiles, store: JobStore, cache_id: str, request: RangeReadRequest
+    files: CacheFiles,
+    store: JobStore,
+    cache_id: str,
+    request: RangeReadRequest,
+    *,
+    wait: bool = True,
 ) -> Response:
     """The byte ranges of ``request``, concatenated in its order (lengths in a header).
 
@@ -206,7 +254,7 @@ def ranges_response(
     shard's included); a range past an object's end is 416 naming the key, so a short
     (truncated) object is never mistaken for its first bytes.
     """
-    gate = ShardGate(files, store, cache_id)
+    gate = ShardGate(files, store, cache_id, wait=wait)
     stats: dict[str, FileStat] = {}
     parts: list[_Part] = []
     for i, want in enumerate(request.ranges):
@@ -242,4 +290,5 @@ def ranges_response(
         status_code=200,
         headers=headers,
         media_type="application/octet-stream",
+        wait=wait,
     )

@@ -12,7 +12,7 @@ from kdcache.service.auth import ReadAuth
 from kdcache.service.deps import FilesDep, StoreDep
 from kdcache.service.files import valid_cache_id
 from kdcache.service.routes._common import error_responses
-from kdcache.service.serve import ranges_response, store_response
+from kdcache.service.serve import ranges_response, respond, store_response
 
 __all__ = ["router"]
 
@@ -58,7 +58,7 @@ _STORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=_STORE_RESPONSES,
     operation_id="get_store_key",
 )
-def get_store_key(
+async def get_store_key(
     cache_id: str,
     key: str,
     request: Request,
@@ -73,7 +73,8 @@ def get_store_key(
     Byte ranges (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) give 206, several of them
     ``multipart/byteranges``; ranges that select nothing give 416.
     """
-    return store_response(
+    return await respond(
+        store_response,
         files,
         store,
         cache_id,
@@ -96,8 +97,8 @@ def get_store_key(
         **error_responses(401, 403, 404, 416, 422),
     },
 )
-def read_ranges(
+async def read_ranges(
     cache_id: str, body: RangeReadRequest, store: StoreDep, files: FilesDep
 ) -> Response:
     """Many byte ranges of many keys in one request (what ``kdcache.client`` reads with)."""
-    return ranges_response(files, store, cache_id, body)
+    return await respond(ranges_response, files, store, cache_id, body)
