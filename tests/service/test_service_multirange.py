@@ -128,3 +128,38 @@ def test_ranges_endpoint_errors(served: tuple[str, str, Path]) -> None:
         assert r.json()["error"]["field"].startswith("ranges.1"), r.json()
     assert _post(url, cid, []).status_code == 422
     assert _post(url, cid, [ok] * (MAX_RANGE_READS + 1)).status_code == 422
+
+
+def test_known_complete_shards_are_served_without_a_thread(
+    served: tuple[str, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio.to_thread
+
+    from kdcache.service import serve as serving
+
+    url, cid, cache_dir = served
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append("thread")
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)  # every hop to a worker thread
+    ranges = f"{url}/v1/caches/{cid}/ranges"
+    body = {"ranges": [{"key": KEY, "start": 3, "end": 40}, {"key": "input_ids/c/0/0"}]}
+    want = (cache_dir / KEY).read_bytes()[3:40] + (cache_dir / "input_ids/c/0/0").read_bytes()
+    assert httpx.post(ranges, json=body, headers=READ_H).content == want
+    hops.clear()
+    # cache and shards known complete, local files, small body: answered on the event loop
+    r = httpx.post(ranges, json=body, headers=READ_H)
+    assert r.status_code == 200 and r.content == want and hops == []
+    g = httpx.get(f"{url}/v1/caches/{cid}/store/{KEY}", headers={"Range": "bytes=3-39", **READ_H})
+    assert g.status_code == 206 and g.content == want[:37] and hops == []
+    # a shard not known complete needs the database: a worker thread, and still 404
+    late = httpx.post(ranges, json={"ranges": [{"key": "input_ids/c/3/0"}]}, headers=READ_H)
+    assert late.status_code == 404 and "shard 3" in late.text and hops == ["thread"]
+    # a body too large for the loop is read in a thread, the same bytes
+    monkeypatch.setattr(serving, "LOOP_BYTES", 16)
+    r = httpx.post(ranges, json=body, headers=READ_H)
+    assert r.status_code == 200 and r.content == want and hops == ["thread"] * 2
