@@ -29,6 +29,18 @@ def inspect_cache(url: str, reader: CacheReader | None = None) -> dict[str, Any]
                 "dtype": spec.logical_dtype,
                 "stored_dtype": spec.dtype,
                 "bytes": _array_bytes(reader, spec.name),
+                "per_row": True,
+            }
+        )
+    for name, shape in m.basis_arrays():  # a pca:R cache's basis and mean: once, not per row
+        arrays.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "dtype": "float32",
+                "stored_dtype": "float32",
+                "bytes": _array_bytes(reader, name),
+                "per_row": False,
             }
         )
     sizes: list[int | None] = [a["bytes"] for a in arrays]

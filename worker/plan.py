@@ -134,7 +134,10 @@ def plan_job(
         seconds = time.perf_counter() - t0
         runner.write(0, data)
         info = inspect_cache(writer.storage.url)
-    arrays = {a["name"]: round(int(a["bytes"]) * m.num_rows / n) for a in info["arrays"]}
+    arrays = {
+        a["name"]: round(int(a["bytes"]) * m.num_rows / n) if a["per_row"] else int(a["bytes"])
+        for a in info["arrays"]
+    }
     return SizePlan(
         cache_id=m.cache_id,
         name=m.name,

@@ -132,6 +132,21 @@ def test_pca_cache_holds_codes_in_the_basis_fitted_on_the_first_rows(
     np.testing.assert_allclose(full.numpy(), back @ basis + mean, rtol=1e-5, atol=1e-5)
 
 
+def test_inspect_and_plan_count_the_pca_basis_once(
+    caches: dict[str, str], tiny_teacher_dir: Path, tokens_npy: Path
+) -> None:
+    from kdcache.core.inspect import inspect_cache
+
+    info = inspect_cache(caches[f"pca:{RANK}"])
+    m = CacheReader(caches[f"pca:{RANK}"]).manifest
+    basis = {a["name"]: a for a in info["arrays"] if not a["per_row"]}
+    assert sorted(basis) == sorted(name for name, _ in m.basis_arrays()) and basis
+    for name, shape in m.basis_arrays():
+        assert basis[name]["shape"] == list(shape)
+        assert basis[name]["bytes"] >= 4 * int(np.prod(shape)) // 8  # float32, barely compressible
+    assert info["bytes"] == sum(a["bytes"] for a in info["arrays"])
+
+
 def test_hidden_losses_in_the_pca_basis(caches: dict[str, str]) -> None:
     cache = TeacherCache(caches[f"pca:{RANK}"])
     m = cache.manifest
