@@ -12,8 +12,8 @@ own reader, ``--batch`` rows per read, all fields, three ways, side by side in o
 
 Prints MB/s (decoded, stored dtypes), tokens/s, HTTP requests per batch (the service's
 ``/metrics`` counts), CPU seconds of this process and the service together (less sensitive to
-a loaded machine than wall time), and the ratios HTTP / local. The best of ``--rounds`` rounds
-counts; the sources take turns within each round.
+a loaded machine than wall time), and the ratios HTTP / local, of the best and of the median
+of ``--rounds`` rounds (the sources take turns within each round), with the load average.
 
     python bench/serve.py                       # ~1 min on 2 shared cores
     python bench/serve.py --rows 2048 --readers 8 --batch 32
@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows-per-shard", type=int, default=64, help="rows per shard (default 64)")
     p.add_argument("--readers", type=int, default=4, help="concurrent reader threads (default 4)")
     p.add_argument("--batch", type=int, default=16, help="rows per read (default 16)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds; the best counts (default 2)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
 
@@ -216,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             "http": lambda: TeacherCache(remote_url),
         }
         best = dict.fromkeys(sources, math.inf)
+        walls: dict[str, list[float]] = {name: [] for name in sources}
         requests = dict.fromkeys(sources, 0)
         cpu = dict.fromkeys(sources, math.inf)
+        load0 = os.getloadavg()[0]
         for _ in range(args.rounds):
             for name, open_cache in sources.items():
                 before = _served_requests(url)
@@ -226,21 +229,26 @@ def main(argv: list[str] | None = None) -> int:
                 cpu[name] = min(cpu[name], time.process_time() + _cpu_seconds(proc.pid) - cpu0)
                 requests[name] = _served_requests(url) - before
                 best[name] = min(best[name], secs)
+                walls[name].append(secs)
+        median = {name: statistics.median(w) for name, w in walls.items()}
         batches = math.ceil(m.num_rows / args.batch)
         print(
             f"cache: {m.num_rows} rows x {m.seq_len} tokens, top-{m.topk}, layers "
             f"{m.hidden_layers} (d={m.hidden_size}), {nbytes / 1e6:.1f} MB decoded; "
-            f"{args.readers} readers x {args.batch} rows/read, best of {args.rounds}"
+            f"{args.readers} readers x {args.batch} rows/read, best of {args.rounds}; "
+            f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         for name, secs in best.items():
             print(
                 f"{name:>8}: {secs:6.2f} s  {nbytes / 1e6 / secs:8.1f} MB/s  "
                 f"{tokens / secs:12,.0f} tokens/s  {requests[name] / batches:6.1f} requests/batch"
-                f"  {cpu[name]:6.2f} CPU-s (reader + service)"
+                f"  {cpu[name]:6.2f} CPU-s (reader + service)  median {median[name]:6.2f} s"
             )
-        for name in ("http-old", "http"):
-            print(f" ratio: {name}/local = {best['local'] / best[name]:.2f} (throughput)")
-        print(f" ratio: http/http-old = {best['http-old'] / best['http']:.2f} (throughput)")
+        for num, den in (("http-old", "local"), ("http", "local"), ("http", "http-old")):
+            print(
+                f" ratio: {num}/{den} = {best[den] / best[num]:.2f} (throughput, best), "
+                f"{median[den] / median[num]:.2f} (median)"
+            )
     finally:
         proc.terminate()
         try:
