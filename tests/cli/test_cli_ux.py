@@ -144,8 +144,16 @@ def test_ctrl_c_ends_quietly() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        # A shell that starts a job in the background (`make test &`) leaves SIGINT ignored, and
+        # a Python started with SIGINT ignored keeps ignoring it: give the CLI the Ctrl-C
+        # handler of an interactive terminal, whatever the test runner inherited.
+        ctrl_c = (
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.argv = ['kdcache', 'jobs', '--server', {url!r}]; "
+            "runpy.run_module('kdcache.cli', run_name='__main__')"
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kdcache.cli", "jobs", "--server", url],
+            [sys.executable, "-c", ctrl_c],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
