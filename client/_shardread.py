@@ -25,11 +25,12 @@ from itertools import product
 from typing import Any
 
 import google_crc32c
+import numcodecs
 import numcodecs.blosc
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, TransposeCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 from kdcache.core.errors import IntegrityError
@@ -100,6 +101,12 @@ class FastLayout:
     dtype: np.dtype[Any]
     fill: Any
     crc: bool = False  # inner chunks end in a CRC-32C (caches written since issue 11)
+    chain: tuple[Any, ...] = ()
+    """Bytes-to-bytes decoders, first applied first, when the chunk is not plain Blosc (the
+    rank-major and ``-xz`` top-k codes: numcodecs ``shuffle`` / ``lzma``, Blosc): decoded into a
+    buffer, then placed. Empty: plain Blosc, decompressed straight into its place."""
+    order: tuple[int, ...] | None = None
+    """The chunk's zarr ``transpose`` order (its values are stored in this axis order)."""
 
     @classmethod
     def of(cls, arr: zarr.Array) -> FastLayout | None:
@@ -110,14 +117,23 @@ class FastLayout:
         sharding = m.codecs[0]  # type: ignore[union-attr]
         if not isinstance(sharding, ShardingCodec):
             return None
-        inner = sharding.codecs
-        crc = len(inner) == 3 and isinstance(inner[2], Crc32cCodec)
+        inner = list(sharding.codecs)
+        order = None
+        first = inner[0] if inner else None
+        if isinstance(first, TransposeCodec):
+            order = tuple(int(a) for a in first.order)
+            inner = inner[1:]
+        crc = len(inner) >= 3 and isinstance(inner[-1], Crc32cCodec)
+        squeeze = inner[1:-1] if crc else inner[1:]
+        chain = tuple(_decoder(c) for c in squeeze)
         inner_ok = (
-            len(inner) in (2, 3)
+            len(inner) >= 2
             and isinstance(inner[0], BytesCodec)
-            and isinstance(inner[1], BloscCodec)
-            and (len(inner) == 2 or crc)
+            and (crc or (len(inner) == 2 and order is None))
+            and bool(chain)
+            and all(d is not None for d in chain)
         )
+        plain = order is None and len(squeeze) == 1 and isinstance(squeeze[0], BloscCodec)
         index_ok = (
             len(sharding.index_codecs) == 2
             and isinstance(sharding.index_codecs[0], BytesCodec)
@@ -137,6 +153,8 @@ class FastLayout:
             dtype=dtype,
             fill=np.asarray(arr.fill_value, dtype=dtype).item(),
             crc=crc,
+            chain=() if plain else chain,
+            order=order,
         )
 
     def key(self, shard: int) -> str:
@@ -288,6 +306,9 @@ class FastLayout:
             if len(raw) < 4 or google_crc32c.value(raw) != _CRC32C_RESIDUE:
                 raise IntegrityError(f"{where}: CRC-32C mismatch; the stored bytes are corrupt")
             body = body[:-4]
+        if self.chain:
+            self._place(self._decode_chain(body, where), chunk, out)
+            return
         dest = out[chunk.target] if chunk.direct else _scratch_array(self.inner, self.dtype)
         try:
             # Blosc's header (bytes 4..8: decompressed size) guards ``dest`` against a short chunk
@@ -307,3 +328,42 @@ class FastLayout:
                 _cast_into(out[(j, *chunk.target[1:])], dest[(i, *rest)])
         elif not chunk.direct:
             out[chunk.target] = dest[chunk.source]
+
+    def _decode_chain(self, body: memoryview, where: str) -> np.ndarray:
+        """A non-plain chunk's values, shaped and ordered like the chunk (maybe a view)."""
+        data: Any = body
+        try:
+            for decode in reversed(self.chain):
+                data = decode(data)
+        except Exception as err:  # zlib, lzma, Blosc errors alike: the bytes are not a chunk
+            raise IntegrityError(f"{where}: cannot be decoded ({err!r}); it is corrupt") from err
+        flat = np.frombuffer(data, dtype=self.dtype)
+        if flat.size != int(np.prod(self.inner)):
+            raise IntegrityError(
+                f"{where}: decodes to {flat.size} values, not {int(np.prod(self.inner))}"
+            )
+        if self.order is None:
+            return flat.reshape(self.inner)
+        stored = flat.reshape([self.inner[a] for a in self.order])
+        return stored.transpose(np.argsort(self.order))
+
+    def _place(self, values: np.ndarray, chunk: _Chunk, out: np.ndarray) -> None:
+        picked = values[chunk.source]
+        if chunk.basic:
+            dst = out[chunk.target]
+            if dst.dtype == picked.dtype:
+                np.copyto(dst, picked)
+            else:
+                _cast_into(dst, np.ascontiguousarray(picked))
+        else:
+            out[chunk.target] = picked
+
+
+def _decoder(codec: Any) -> Callable[[Any], Any] | None:
+    """How the fast path undoes one bytes-to-bytes codec, or None when it does not know it."""
+    if isinstance(codec, BloscCodec):
+        return numcodecs.blosc.decompress
+    inner = getattr(codec, "_codec", None)  # zarr's wrapper of a numcodecs codec
+    if isinstance(inner, (numcodecs.LZMA, numcodecs.Shuffle, numcodecs.Zstd)):
+        return inner.decode
+    return None

@@ -126,6 +126,30 @@ def test_xz_draws_read_back_equal(
     assert int(a["sample_counts"].sum()) == 16 * len(rows) * a["sample_counts"].shape[1]
 
 
+@pytest.mark.parametrize("codec", ["lossless-xz", "q4c", "q4c-xz"])
+def test_the_fast_read_path_decodes_the_transposed_and_xz_chains(
+    caches: dict[str, str], codec: str
+) -> None:
+    from kdcache.client._shardread import FastLayout
+
+    root = Path(caches[codec])
+    g = zarr.open_group(str(root), mode="r")
+
+    def locate(key: str) -> str | None:
+        return str(root / key) if (root / key).is_file() else None
+
+    for name in ("topk/logprobs", "topk/indices", "topk/logsumexp"):
+        arr = g[name]
+        layout = FastLayout.of(arr)
+        assert layout is not None, name  # not zarr's slower path
+        rows = np.array([0, 2, 3, 6])  # scattered, across both shards
+        for dtype in (arr.dtype, np.dtype(np.float64)):  # as stored, and cast on the way
+            out = np.zeros((len(rows), *arr.shape[1:]), dtype=dtype)
+            for task in layout.tasks(locate, rows, out, None, positions=np.array([3, 1, 2, 0])):
+                task()
+            assert np.array_equal(out[[3, 1, 2, 0]], arr[rows].astype(dtype)), (name, dtype)
+
+
 def test_plain_zarr_opens_every_array_and_sees_the_codes(caches: dict[str, str]) -> None:
     g = zarr.open_group(caches["lossless-xz"], mode="r")
     m = CacheReader(caches["lossless-xz"]).manifest
