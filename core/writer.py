@@ -130,6 +130,29 @@ def _create_arrays(group: zarr.Group, m: Manifest) -> None:
             pass
 
 
+GROUP_WAIT_S = 30.0
+"""How long a writer that lost the race to create a cache waits for the winner's ``zarr.json``."""
+
+
+def _group_appears(storage: Storage, timeout: float | None = None) -> bool:
+    """Whether to open the cache again after losing the race to create it: ``zarr.json`` is
+    there, or appears while the only other objects are a writer's temporary
+    ``zarr.<hex>.partial`` (zarr's local store writes a temp file and renames it, so a racing
+    writer sees the directory non-empty before the group exists), or the directory emptied.
+    False: other files, or no group within ``timeout`` (default :data:`GROUP_WAIT_S`)."""
+    deadline = time.monotonic() + (GROUP_WAIT_S if timeout is None else timeout)
+    while not storage.exists("zarr.json"):
+        others = [k for k in storage.list("") if k != "zarr.json"]
+        if not others:
+            return True
+        if not all(k.startswith("zarr.") and k.endswith(".partial") for k in others):
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 class CacheWriter:
     """Writes one cache. Safe to open from many workers at once: creation is idempotent."""
 
@@ -179,7 +202,7 @@ class CacheWriter:
         try:
             group = zarr.open_group(store, mode="w-", attributes={MANIFEST_KEY: manifest.to_dict()})
         except (zarr.errors.ContainsGroupError, FileExistsError):  # another writer was first
-            if not storage.exists("zarr.json"):  # not a writer: other files (retrying never ends)
+            if not _group_appears(storage):  # not a writer: other files (retrying never ends)
                 raise CacheFormatError(
                     f"{url} holds files but no Zarr group: not a kdcache cache"
                 ) from None

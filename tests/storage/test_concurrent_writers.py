@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kdcache.core import writer as writer_module
+from kdcache.core.errors import CacheFormatError
 from kdcache.core.format import Manifest
 from kdcache.core.reader import CacheReader
 from kdcache.core.spec import parse_spec
@@ -74,3 +78,45 @@ def test_writers_racing_to_create_an_s3_cache_all_succeed(
         assert open_at_once(url, manifest, s3_options) == ["ok"] * WRITERS
         reader = CacheReader(url, storage_options=s3_options)
         assert set(reader.arrays) == {a.name for a in manifest.arrays()}
+
+
+def test_a_writer_waits_for_the_group_another_is_renaming_into_place(
+    manifest: Manifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zarr's local store writes ``zarr.json`` as ``zarr.<hex>.partial`` and renames it: a writer
+    that sees only that temp file must wait for the group, not call the directory foreign."""
+    url = tmp_path / "cache"
+    url.mkdir()
+    partial = url / "zarr.0123abcd.partial"
+    partial.write_bytes(b"{")
+
+    def winner() -> None:
+        time.sleep(0.3)
+        partial.unlink()
+        CacheWriter.open(str(url), manifest)
+
+    t = threading.Thread(target=winner)
+    t.start()
+    try:
+        writer = CacheWriter.open(str(url), manifest)
+    finally:
+        t.join(timeout=60)
+    assert writer.manifest.cache_id == manifest.cache_id
+    assert set(CacheReader(str(url)).arrays) == {a.name for a in manifest.arrays()}
+
+    # a temp file nobody renames: refused once the wait is over, naming the directory
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "zarr.0123abcd.partial").write_bytes(b"{")
+    monkeypatch.setattr(writer_module, "GROUP_WAIT_S", 0.2)
+    with pytest.raises(CacheFormatError, match="holds files but no Zarr group"):
+        CacheWriter.open(str(stale), manifest)
+    # anything else in the directory: refused at once
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    monkeypatch.setattr(writer_module, "GROUP_WAIT_S", 60.0)
+    started = time.monotonic()
+    with pytest.raises(CacheFormatError, match="holds files but no Zarr group"):
+        CacheWriter.open(str(foreign), manifest)
+    assert time.monotonic() - started < 10
