@@ -31,6 +31,7 @@ from torch import Tensor
 
 from kdcache.client import losses
 from kdcache.client._divergences import divergence_terms, log1mexp, masked_mean, require_choice
+from kdcache.core.errors import TemperatureNotCachedError
 
 __all__ = [
     "TEACHER_WEIGHTS",
@@ -149,6 +150,8 @@ def mixture_kd_loss(
     n = log_w.shape[-1]
     views = [teacher_view(batch, j) for j in range(n)]
     mask = losses._default_mask(batch, mask)
+    if tail != "renormalize":
+        _check_cached(views, t)
     if ensemble == "sum":
         w = log_w.exp()[:, 0, :]
         if not torch.equal(w, w[:1].expand_as(w)):
@@ -174,6 +177,23 @@ def mixture_kd_loss(
             log_p = torch.cat([log_p, losses._student_tail(scaled, ids, log_z)], dim=-1)
     per_position = divergence_terms(log_q, log_p, divergence).sum(-1)
     return t**2 * masked_mean(per_position, mask)
+
+
+def _check_cached(views: list[dict[str, Any]], t: float) -> None:
+    """Refuse a temperature some teacher did not cache, naming each such teacher and its list."""
+    lacking = []
+    for j, view in enumerate(views):
+        n_temps = torch.as_tensor(losses._get(view, "topk_logsumexp")).shape[-1]
+        temps = losses._cached_temperatures(view, n_temps)
+        try:
+            losses._temperature_index(temps, t)
+        except TemperatureNotCachedError:
+            lacking.append(f"teacher {j} holds {list(temps)}")
+    if lacking:
+        raise TemperatureNotCachedError(
+            f"temperature {t:g} is not cached by every teacher: {'; '.join(lacking)}. Use one "
+            "every teacher holds, or tail='renormalize', which works at any temperature."
+        )
 
 
 def _union(

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from kdcache.client import losses
 from kdcache.client.ensemble import teacher_view
+from kdcache.core.errors import TemperatureNotCachedError
 
 B, T, V = 2, 5, 13
 TEMPS = (1.0, 2.0)
@@ -286,6 +287,17 @@ def test_bad_weights_are_refused(change: dict[str, Any], match: str) -> None:
     batch.update(change)
     with pytest.raises(ValueError, match=match):
         losses.kd_loss(logits(3), batch)
+
+
+def test_an_uncached_temperature_names_the_teachers_that_lack_it() -> None:
+    batch = ensemble_batch([logits(1), logits(2), logits(4)], [3, 3, 3])
+    batch["teacher1_topk_logsumexp"] = batch["teacher1_topk_logsumexp"][..., :1]
+    batch["teacher1_temperatures"] = torch.tensor([1.0])
+    for ensemble in ("mixture", "sum"):
+        with pytest.raises(TemperatureNotCachedError) as err:
+            losses.kd_loss(logits(3), batch, 2.0, ensemble=ensemble)
+        assert "teacher 1 " in str(err.value) and "[1.0]" in str(err.value)
+        assert "teacher 0" not in str(err.value) and "teacher 2" not in str(err.value)
 
 
 def test_bad_choices_and_uncached_temperature_are_refused() -> None:
