@@ -247,7 +247,7 @@ class MultiCache:
         asked = None if fields is None else list(fields)
         parts = [self.caches[0].batch(rows, asked)]
         for cache, src in zip(self.caches[1:], self.sources[1:], strict=True):
-            names = member_fields(cache.manifest, asked or cache.fields, src)
+            names = member_fields(cache.manifest, cache.fields if asked is None else asked, src)
             parts.append(cache.batch(rows, names))
         return merge_teachers(parts, self.weights)
 

@@ -144,6 +144,15 @@ def test_bad_weights_and_fields_are_refused(caches: dict[str, Any]) -> None:
     assert caches["b"] in str(err.value)
 
 
+def test_multicache_gives_every_teacher_the_fields_asked(caches: dict[str, Any]) -> None:
+    ensemble = MultiCache([caches["a"], caches["b"]])
+    assert set(ensemble.batch([0, 3], fields=[])) == {"row", "teacher_weights"}
+    ids_only = ensemble.batch([0, 3], fields=["input_ids"])
+    assert set(ids_only) == {"row", "input_ids", "teacher_weights"}
+    everything = ensemble.batch([0, 3])  # None: each teacher's own fields
+    assert {"teacher0_hidden_2", "teacher1_hidden_1", "teacher1_topk_logprobs"} <= set(everything)
+
+
 def test_weights_are_normalised_without_overflow() -> None:
     assert check_weights([1e308, 1e308, 0], 3) == (0.5, 0.5, 0.0)  # their sum is inf
     assert check_weights([3, 1], 2) == (0.75, 0.25)
