@@ -4,7 +4,8 @@ An ensemble batch (see :mod:`kdcache.client.ensemble`) holds, for teachers j = 0
 ``w_j`` (summing to 1), teacher j's top-k ids ``S_j``, their log-probabilities and its exact
 log-normalisers. At a cached temperature ``t`` the teacher's probabilities ``q_j(v)`` are exact on
 ``S_j`` and so is its tail mass ``r_j = 1 - sum_{S_j} q_j``. The mixture ``q = sum_j w_j q_j`` is
-compared with the student on the union ``U`` of the cached ids plus one merged "rest" class.
+compared with the student on the union ``U`` of the cached ids (of the teachers of weight > 0
+in the row) plus one merged "rest" class.
 
 A teacher's probability of an id of ``U`` outside its own top-k is not cached. It is estimated by
 spreading its tail evenly over the ids it did not cache, ``q_j(v) ~ r_j / (V - k_j)``: the
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from kdcache.client import losses
 from kdcache.client._divergences import divergence_terms, log1mexp, masked_mean, require_choice
+from kdcache.core.errors import TemperatureNotCachedError
 
 __all__ = [
     "TEACHER_WEIGHTS",
@@ -148,6 +150,8 @@ def mixture_kd_loss(
     n = log_w.shape[-1]
     views = [teacher_view(batch, j) for j in range(n)]
     mask = losses._default_mask(batch, mask)
+    if tail != "renormalize":
+        _check_cached(views, t)
     if ensemble == "sum":
         w = log_w.exp()[:, 0, :]
         if not torch.equal(w, w[:1].expand_as(w)):
@@ -156,9 +160,7 @@ def mixture_kd_loss(
         return sum((w[0, j] * term for j, term in enumerate(terms)), torch.zeros((), dtype=dtype))
 
     support = [_teacher_support(student_logits, vw, t, tail, dtype) for vw in views]
-    ids = torch.cat([s[0] for s in support], dim=-1).sort(dim=-1).values  # (B, T, K)
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    ids, first = _union(support, log_w, v)
     per_teacher = torch.stack([_at(*s, ids) for s in support], dim=-1)  # (B, T, K, n)
     log_q = torch.logsumexp(per_teacher + log_w[..., None, :], dim=-1)
     log_q = log_q.masked_fill(~first, float("-inf"))
@@ -175,6 +177,41 @@ def mixture_kd_loss(
             log_p = torch.cat([log_p, losses._student_tail(scaled, ids, log_z)], dim=-1)
     per_position = divergence_terms(log_q, log_p, divergence).sum(-1)
     return t**2 * masked_mean(per_position, mask)
+
+
+def _check_cached(views: list[dict[str, Any]], t: float) -> None:
+    """Refuse a temperature some teacher did not cache, naming each such teacher and its list."""
+    lacking = []
+    for j, view in enumerate(views):
+        n_temps = torch.as_tensor(losses._get(view, "topk_logsumexp")).shape[-1]
+        temps = losses._cached_temperatures(view, n_temps)
+        try:
+            losses._temperature_index(temps, t)
+        except TemperatureNotCachedError:
+            lacking.append(f"teacher {j} holds {list(temps)}")
+    if lacking:
+        raise TemperatureNotCachedError(
+            f"temperature {t:g} is not cached by every teacher: {'; '.join(lacking)}. Use one "
+            "every teacher holds, or tail='renormalize', which works at any temperature."
+        )
+
+
+def _union(
+    support: list[tuple[Tensor, Tensor, Tensor]], log_w: Tensor, v: int
+) -> tuple[Tensor, Tensor]:
+    """The union of the cached ids of the teachers weighted in each row: ids (B, T, K) and
+    ``first`` (B, T, K) bool, true on one slot per union id.
+
+    A teacher of weight 0 in a row adds no ids there (they would only split the classes
+    compared, and under ``renormalize`` spread the student over ids no teacher weighs). Its
+    slots are counted out and hold a union id of the row, so gathers and scatters stay in range.
+    """
+    weighted = torch.isfinite(log_w)  # (B, 1, n)
+    parts = [s[0].masked_fill(~weighted[..., j : j + 1], v) for j, s in enumerate(support)]
+    ids = torch.cat(parts, dim=-1).sort(dim=-1).values  # (B, T, K), v = not in the union
+    first = ids < v
+    first[..., 1:] &= ids[..., 1:] != ids[..., :-1]
+    return torch.where(first, ids, ids[..., :1]), first
 
 
 def _merged_tail(

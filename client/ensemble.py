@@ -74,8 +74,9 @@ def check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
         raise ValueError(f"weights has {len(w)} entries for {n} caches; give one per cache")
     if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0; got {w}")
-    total = sum(w)
-    return tuple(x / total for x in w)
+    top = max(w)  # scaled first: the sum of large finite weights can overflow to inf
+    total = sum(x / top for x in w)
+    return tuple(x / top / total for x in w)
 
 
 def _vocabulary_problems(manifests: Sequence[Manifest], sources: Sequence[str]) -> list[str]:
@@ -246,7 +247,7 @@ class MultiCache:
         asked = None if fields is None else list(fields)
         parts = [self.caches[0].batch(rows, asked)]
         for cache, src in zip(self.caches[1:], self.sources[1:], strict=True):
-            names = member_fields(cache.manifest, asked or cache.fields, src)
+            names = member_fields(cache.manifest, cache.fields if asked is None else asked, src)
             parts.append(cache.batch(rows, names))
         return merge_teachers(parts, self.weights)
 

@@ -81,6 +81,7 @@ class LayerChoice(nn.Module):
             {k: nn.Linear(student_dim, teacher_dim, bias=bias) for k in keys}
         )
         self.shared_projection = shared_projection
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
         self.temperature = _positive(temperature, "temperature")
         self.hard = False
 

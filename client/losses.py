@@ -424,6 +424,18 @@ def _chosen_hidden_loss(
             f"teacher_hidden lacks candidate teacher layers {missing}; it has "
             f"{sorted(teacher_hidden)}"
         )
+    if student_hidden.shape[-1:] != (choice.student_dim,):
+        raise ValueError(
+            f"student hidden width {student_hidden.shape[-1] if student_hidden.dim() else 0} "
+            f"differs from the learned map's student_dim {choice.student_dim}"
+        )
+    for layer in choice.teacher_layers:
+        width = teacher_hidden[layer].shape[-1]
+        if width != choice.teacher_dim:
+            raise ValueError(
+                f"teacher layer {layer} has width {width}; the learned map projects to "
+                f"teacher_dim {choice.teacher_dim}"
+            )
 
     def pair_loss(layer: int, projection: nn.Module) -> Tensor:
         return hidden_loss(student_hidden, teacher_hidden[layer], kind, projection, mask)

@@ -11,7 +11,7 @@ import torch
 from test_dataset_support import copy_with_loss_mask
 
 from kdcache.client import CacheDataset, TeacherCache, losses
-from kdcache.client.ensemble import MultiCache, teacher_view
+from kdcache.client.ensemble import MultiCache, check_weights, teacher_view
 from kdcache.core.errors import ManifestMismatchError
 from kdcache.core.spec import parse_spec
 from kdcache.worker import toy
@@ -142,6 +142,21 @@ def test_bad_weights_and_fields_are_refused(caches: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="field 'hidden_2' is not in this cache") as err:
         CacheDataset(pair, fields=["topk", "hidden_2"])
     assert caches["b"] in str(err.value)
+
+
+def test_multicache_gives_every_teacher_the_fields_asked(caches: dict[str, Any]) -> None:
+    ensemble = MultiCache([caches["a"], caches["b"]])
+    assert set(ensemble.batch([0, 3], fields=[])) == {"row", "teacher_weights"}
+    ids_only = ensemble.batch([0, 3], fields=["input_ids"])
+    assert set(ids_only) == {"row", "input_ids", "teacher_weights"}
+    everything = ensemble.batch([0, 3])  # None: each teacher's own fields
+    assert {"teacher0_hidden_2", "teacher1_hidden_1", "teacher1_topk_logprobs"} <= set(everything)
+
+
+def test_weights_are_normalised_without_overflow() -> None:
+    assert check_weights([1e308, 1e308, 0], 3) == (0.5, 0.5, 0.0)  # their sum is inf
+    assert check_weights([3, 1], 2) == (0.75, 0.25)
+    assert check_weights(None, 4) == (0.25,) * 4
 
 
 def test_resume_continues_the_ensemble_order(caches: dict[str, Any]) -> None:

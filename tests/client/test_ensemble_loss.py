@@ -10,6 +10,7 @@ from torch import Tensor
 
 from kdcache.client import losses
 from kdcache.client.ensemble import teacher_view
+from kdcache.core.errors import TemperatureNotCachedError
 
 B, T, V = 2, 5, 13
 TEMPS = (1.0, 2.0)
@@ -230,6 +231,32 @@ def test_weights_are_normalised_and_zero_weight_drops_a_teacher() -> None:
     )
 
 
+def _row(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    return {k: v if k == "temperatures" else v[i : i + 1] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+def test_a_zero_weight_teacher_adds_nothing_at_k_below_v(tail: str) -> None:
+    """Its cached ids must not join the union: that would refine the classes compared (and, with
+    renormalize, spread the student over ids no weighted teacher gives mass to)."""
+    a, b, student = logits(1), logits(2), logits(3)
+    single = single_batch(a, 4)
+    dropped = ensemble_batch([a, b], [4, 5], weights=(1.0, 0.0))
+    per_row = ensemble_batch([a, b], [4, 5], weights=(1.0, 0.0))
+    per_row["teacher_weights"] = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    only_b = single_batch(b, 5)
+    for divergence in DIVERGENCES:
+        want = losses.kd_loss(student, single, 2.0, divergence, tail)
+        got = losses.kd_loss(student, dropped, 2.0, divergence, tail)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        rows = [
+            losses.kd_loss(student[i : i + 1], _row(one, i), 2.0, divergence, tail)
+            for i, one in enumerate([single, only_b])
+        ]
+        got_rows = losses.kd_loss(student, per_row, 2.0, divergence, tail)
+        torch.testing.assert_close(got_rows, (rows[0] + rows[1]) / 2, rtol=1e-10, atol=1e-12)
+
+
 def test_teacher_view_gives_single_teacher_keys() -> None:
     teachers = [logits(1), logits(2)]
     batch = ensemble_batch(teachers, [3, 4], weights=(0.5, 0.5))
@@ -260,6 +287,17 @@ def test_bad_weights_are_refused(change: dict[str, Any], match: str) -> None:
     batch.update(change)
     with pytest.raises(ValueError, match=match):
         losses.kd_loss(logits(3), batch)
+
+
+def test_an_uncached_temperature_names_the_teachers_that_lack_it() -> None:
+    batch = ensemble_batch([logits(1), logits(2), logits(4)], [3, 3, 3])
+    batch["teacher1_topk_logsumexp"] = batch["teacher1_topk_logsumexp"][..., :1]
+    batch["teacher1_temperatures"] = torch.tensor([1.0])
+    for ensemble in ("mixture", "sum"):
+        with pytest.raises(TemperatureNotCachedError) as err:
+            losses.kd_loss(logits(3), batch, 2.0, ensemble=ensemble)
+        assert "teacher 1 " in str(err.value) and "[1.0]" in str(err.value)
+        assert "teacher 0" not in str(err.value) and "teacher 2" not in str(err.value)
 
 
 def test_bad_choices_and_uncached_temperature_are_refused() -> None:

@@ -200,6 +200,17 @@ def test_bad_input_is_named() -> None:
     assert LearnedLayerMap.for_cache(pca, [1], 12).teacher_dim == 8
 
 
+def test_widths_that_do_not_fit_the_map_are_named() -> None:
+    batch, states = _synthetic()
+    layer_map = LearnedLayerMap([1], [2, 4], 12, D_T)
+    narrow = [s[..., :10] for s in states]
+    with pytest.raises(ValueError, match="student hidden width 10 .* student_dim 12"):
+        losses.hidden_losses(narrow, batch, layer_map)
+    wide = {**batch, "hidden_4": torch.cat([batch["hidden_4"], batch["hidden_4"]], dim=-1)}
+    with pytest.raises(ValueError, match=f"teacher layer 4 has width {2 * D_T}.*{D_T}"):
+        losses.hidden_losses(states, wide, layer_map)
+
+
 def test_kdtrainer_anneals_hardens_and_logs_the_choice(cache_dir37: str, tmp_path: Path) -> None:
     pytest.importorskip("accelerate")
     from test_hf import student  # a 2-block Llama of width 16, seeded
