@@ -120,7 +120,8 @@ class CacheDataset(IterableDataset[Sample]):
     with ``weights`` one per cache (normalised; uniform by default). The first cache decides
     the order, ``row``, ``input_ids`` and ``state_dict``.
     fields: field keys (``input_ids``, ``topk`` = the three topk keys, ``hidden_<layer>``,
-    ``hidden`` = every layer); None for everything. A sample is ``{"row": () int64,
+    ``hidden`` = every layer); None for everything (in an ensemble, everything each cache
+    holds). A sample is ``{"row": () int64,
     "input_ids": (T,) int64, "topk_logprobs": (T, k) float32, "topk_indices": (T, k) int64,
     "topk_logsumexp": (T, n_temps) float32, "temperatures": (n_temps,) float32,
     "loss_mask": (T,) bool, "hidden_<l>": (T, d) stored dtype}`` for the fields asked
@@ -179,7 +180,9 @@ class CacheDataset(IterableDataset[Sample]):
         self.sources = as_sources(source)
         self.source = self.sources[0]
         if weights is not None and len(self.sources) == 1:
-            raise ValueError("weights are for an ensemble; pass a list of caches as the source")
+            raise ValueError(
+                "weights are for an ensemble of two or more caches; the source is one cache"
+            )
         self.weights = check_weights(weights, len(self.sources)) if len(self.sources) > 1 else None
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.batch_size = batch_size
@@ -201,12 +204,17 @@ class CacheDataset(IterableDataset[Sample]):
             )
         self.fields = expand_fields(m, fields)
         self.member_manifests: list[Manifest] = []
+        self.member_fields: list[list[str]] = []
         if len(self.sources) > 1:
             readers = [reader, *(self._open_reader(None, s) for s in self.sources[1:])]
             check_ensemble(readers, self.sources)
             self.member_manifests = [r.manifest for r in readers[1:]]
-            for mm, src in zip(self.member_manifests, self.sources[1:], strict=True):
-                member_fields(mm, self.fields, src)
+            # fields=None: each teacher's own fields (as MultiCache), not the first cache's
+            asked = None if fields is None else self.fields
+            self.member_fields = [
+                member_fields(mm, asked, src)
+                for mm, src in zip(self.member_manifests, self.sources[1:], strict=True)
+            ]
         if seq_len is not None and not 1 <= seq_len <= m.seq_len:
             raise ValueError(
                 f"seq_len must be in [1, {m.seq_len}] (the cached length); got {seq_len}"
@@ -277,8 +285,10 @@ class CacheDataset(IterableDataset[Sample]):
         if self._opened is not None and self._opened.pid == os.getpid():
             return self._opened
         opened = self._open_one(self.source, self.manifest, self.fields)
-        for m, src in zip(self.member_manifests, self.sources[1:], strict=True):
-            opened.members.append(self._open_one(src, m, member_fields(m, self.fields, src)))
+        for m, src, names in zip(
+            self.member_manifests, self.sources[1:], self.member_fields, strict=True
+        ):
+            opened.members.append(self._open_one(src, m, names))
         self._opened = opened
         return opened
 

@@ -190,8 +190,9 @@ def merge_blocks(blocks: Sequence[RowBlock], weights: Sequence[float]) -> RowBlo
     return RowBlock(tensors, blocks[0].index, sum(b.nbytes for b in blocks))
 
 
-def member_fields(manifest: Manifest, fields: Sequence[str], source: str) -> list[str]:
-    """The fields teacher caches after the first read: all asked but ``input_ids``."""
+def member_fields(manifest: Manifest, fields: Sequence[str] | None, source: str) -> list[str]:
+    """The fields teacher caches after the first read: all asked but ``input_ids`` (None: all
+    that cache holds)."""
     from kdcache.client._fields import expand_fields
 
     try:

@@ -153,6 +153,24 @@ def test_multicache_gives_every_teacher_the_fields_asked(caches: dict[str, Any])
     assert {"teacher0_hidden_2", "teacher1_hidden_1", "teacher1_topk_logprobs"} <= set(everything)
 
 
+def test_dataset_without_fields_gives_every_teacher_its_own_fields(caches: dict[str, Any]) -> None:
+    """fields=None: all that each cache holds, whatever the order (as MultiCache does); a's
+    layers are [1, 2], b's [1]."""
+    for order in (("a", "b"), ("b", "a")):
+        ds = CacheDataset([caches[k] for k in order], shuffle=False)
+        sample = next(iter(ds))
+        want = MultiCache([caches[k] for k in order]).batch([int(sample["row"])])
+        assert set(sample) == set(want)
+        j_a = order.index("a")
+        assert {f"teacher{j_a}_hidden_1", f"teacher{j_a}_hidden_2"} <= set(sample)
+        assert f"teacher{1 - j_a}_hidden_2" not in sample
+        torch.testing.assert_close(
+            sample[f"teacher{j_a}_hidden_2"], want[f"teacher{j_a}_hidden_2"][0]
+        )
+    with pytest.raises(ValueError, match="two or more caches; the source is one cache"):
+        CacheDataset([caches["a"]], weights=[1])
+
+
 def test_weights_are_normalised_without_overflow() -> None:
     assert check_weights([1e308, 1e308, 0], 3) == (0.5, 0.5, 0.0)  # their sum is inf
     assert check_weights([3, 1], 2) == (0.75, 0.25)
