@@ -12,6 +12,7 @@ import pytest
 import torch
 import zarr
 from _net import serve
+from test_topk_codec import _spec
 
 from kdcache.client import CacheDataset, TeacherCache
 from kdcache.core.reader import CacheReader
@@ -49,16 +50,6 @@ def test_id_order_refuses_what_is_not_a_permutation() -> None:
         IdOrder([1, 2, 1], 4)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         IdOrder([4], 4)
-
-
-def _spec(teacher: Path, tokens: Path, codec: str) -> dict:
-    return {
-        "teacher": {"hf": str(teacher), "dtype": "float32", "device": "cpu"},
-        "dataset": {"tokens": str(tokens)},
-        "outputs": {"topk": 8, "temperatures": [1.0, 2.0], "topk_codec": codec},
-        "batch_size": 4,
-        "rows_per_shard": 4,
-    }
 
 
 @pytest.fixture(scope="module")
