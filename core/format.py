@@ -274,33 +274,21 @@ def array_specs(m: Manifest) -> list[ArraySpec]:
         width, stored = logprobs_storage(m.topk_codec, k)
         coding = m.topk_codec if coded else ""
         shuffle = "bitshuffle" if coded else "shuffle"
+        ids_coding, ids_chain, lse_chain = "", "blosc", "blosc"
+        # companded codes: each chunk rank-major, then bit planes, so every rank's small
+        # codes (and every position's ends) sit together: 10-35% fewer bytes
+        lp_chain = "blosc-ranks" if m.topk_codec in COMPANDED_LEVELS else "blosc"
         if is_xz(m.topk_codec):
             ids_coding = "id_order" if m.topk_id_order else ""
-            out += [
-                ArraySpec(
-                    ARRAY_LOGPROBS, (t, width), stored, "float16", coding, compression="xz-ranks"
-                ),
-                ArraySpec(
-                    ARRAY_INDICES,
-                    (t, k),
-                    m.index_dtype,
-                    m.index_dtype,
-                    ids_coding,
-                    compression="xz-ids",
-                ),
-                ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32", compression="xz-planes"),
-            ]
-        else:
-            # companded codes: each chunk rank-major, then bit planes, so every rank's small
-            # codes (and every position's ends) sit together: 10-35% fewer bytes
-            lp_chain = "blosc-ranks" if m.topk_codec in COMPANDED_LEVELS else "blosc"
-            out += [
-                ArraySpec(
-                    ARRAY_LOGPROBS, (t, width), stored, "float16", coding, compression=lp_chain
-                ),
-                ArraySpec(ARRAY_INDICES, (t, k), m.index_dtype, m.index_dtype, shuffle=shuffle),
-                ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32"),
-            ]
+            lp_chain, ids_chain, lse_chain = "xz-ranks", "xz-ids", "xz-planes"
+        idx = m.index_dtype
+        out += [
+            ArraySpec(ARRAY_LOGPROBS, (t, width), stored, "float16", coding, compression=lp_chain),
+            ArraySpec(
+                ARRAY_INDICES, (t, k), idx, idx, ids_coding, shuffle=shuffle, compression=ids_chain
+            ),
+            ArraySpec(ARRAY_LOGSUMEXP, (t, n), "float32", "float32", compression=lse_chain),
+        ]
     if m.hidden_layers:
         if m.hidden_size is None:
             raise CacheFormatError("manifest has hidden layers but no hidden_size")
