@@ -318,16 +318,8 @@ class FastLayout:
             numcodecs.blosc.decompress(body, dest)
         except (RuntimeError, ValueError) as err:
             raise IntegrityError(f"{where}: cannot be decoded ({err}); it is corrupt") from err
-        if chunk.basic and not chunk.direct:
-            _cast_into(out[chunk.target], dest[chunk.source])
-        elif not chunk.direct and out.dtype == np.float32 and dest.dtype == np.float16:
-            # rows of the chunk scattered to their places: row by row, so each is a basic
-            # view that _cast_into converts at memory speed (numpy's fancy-index cast does not)
-            src_rows, dst_rows, rest = chunk.source[0], chunk.target[0], chunk.source[1:]
-            for i, j in zip(src_rows.tolist(), dst_rows.tolist(), strict=True):
-                _cast_into(out[(j, *chunk.target[1:])], dest[(i, *rest)])
-        elif not chunk.direct:
-            out[chunk.target] = dest[chunk.source]
+        if not chunk.direct:
+            self._place(dest, chunk, out)
 
     def _decode_chain(self, body: memoryview, where: str) -> np.ndarray:
         """A non-plain chunk's values, shaped and ordered like the chunk (maybe a view)."""
@@ -348,15 +340,21 @@ class FastLayout:
         return stored.transpose(np.argsort(self.order))
 
     def _place(self, values: np.ndarray, chunk: _Chunk, out: np.ndarray) -> None:
-        picked = values[chunk.source]
+        """Copy ``chunk``'s rows of its decoded ``values`` (chunk-shaped) into ``out``."""
         if chunk.basic:
-            dst = out[chunk.target]
+            dst, picked = out[chunk.target], values[chunk.source]
             if dst.dtype == picked.dtype:
                 np.copyto(dst, picked)
             else:
                 _cast_into(dst, np.ascontiguousarray(picked))
+        elif out.dtype == np.float32 and values.dtype == np.float16:
+            # rows of the chunk scattered to their places: row by row, so each is a basic
+            # view that _cast_into converts at memory speed (numpy's fancy-index cast does not)
+            src_rows, dst_rows, rest = chunk.source[0], chunk.target[0], chunk.source[1:]
+            for i, j in zip(src_rows.tolist(), dst_rows.tolist(), strict=True):
+                _cast_into(out[(j, *chunk.target[1:])], np.ascontiguousarray(values[(i, *rest)]))
         else:
-            out[chunk.target] = picked
+            out[chunk.target] = values[chunk.source]
 
 
 def _decoder(codec: Any) -> Callable[[Any], Any] | None:
