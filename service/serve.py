@@ -35,7 +35,6 @@ __all__ = [
     "LOOP_BYTES",
     "ShardGate",
     "body_response",
-    "check_key",
     "ranges_response",
     "respond",
     "store_response",
@@ -108,11 +107,6 @@ class ShardGate:
         if st is None:
             raise missing
         return st
-
-
-def check_key(files: CacheFiles, store: JobStore, cache_id: str, key: str) -> FileStat:
-    """The stat of one key that may be served; NotFound otherwise."""
-    return ShardGate(files, store, cache_id).check(key)
 
 
 # (key, its stat, bytes before, start, length, bytes after): one part of a body
