@@ -185,7 +185,10 @@ class _LocalBackend:
             os.close(fd)
 
     def read_into(self, rel: str, reads: list[tuple[int, memoryview]], st: FileStat) -> int:
-        fd = os.open(st.path or self._path(rel) or rel, os.O_RDONLY)
+        path = st.path or self._path(rel)
+        if path is None:  # as read(): never a path relative to the working directory
+            raise FileNotFoundError(rel)
+        fd = os.open(path, os.O_RDONLY)
         try:
             got = 0
             for start, out in reads:

@@ -113,6 +113,31 @@ def test_local_files_stat_blocks_manifest_and_symlink_escape(
     assert files.manifest("cd") is None
 
 
+def test_read_into_never_opens_a_path_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat without a path and a key outside the root: FileNotFoundError, not the file of
+    the same relative name seen from the service's working directory."""
+
+    def write(path: str, text: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+    _write_cache(str(tmp_path / "root"), write)
+    files = CacheFiles(str(tmp_path / "root"))
+    st = files.stat("ab", "input_ids/c/0/0")
+    assert st is not None
+    out = memoryview(bytearray(4))
+    assert files.read_into("ab", "input_ids/c/0/0", [(2, out)], st) == 4
+    assert bytes(out) == b"2345"
+    write(str(tmp_path / "cwd" / "outside"), "cwd file")  # "../outside" from cwd/sub
+    (tmp_path / "cwd" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd" / "sub")
+    blind = files_module.FileStat(4, 0.0, '"x"')  # no path: the key is resolved again
+    with pytest.raises(FileNotFoundError):
+        files.read_into("..", "outside", [(0, memoryview(bytearray(4)))], blind)
+
+
 def test_fsspec_files(tmp_path: Path) -> None:
     base = f"memory://kdcache-test-{uuid.uuid4().hex}"
     fs = fsspec.filesystem("memory")
