@@ -314,7 +314,9 @@ def _launch(
         step = _chunk_rows(b, v, t_chunk, device.type == "cpu")
         buf = _logits_buffer(scratch, b * min(t, step), v, device, head.weight.dtype)
         logits_of = lambda t0, t1: head(features[:, t0:t1], out=buf)  # noqa: E731
-        owned = True  # each chunk's logits are a fresh tensor: the math may run in it
+        # each chunk's logits are the pass's own (fresh, or the reused buffer whose previous
+        # chunk's results were copied out already): the math may run in them
+        owned = True
     else:
         out = teacher.forward(x, list(layers))
         logits, hidden, device = out.logits, out.hidden, out.logits.device
@@ -325,10 +327,10 @@ def _launch(
             )
         logits_of = lambda t0, t1: logits[:, t0:t1].float()  # noqa: E731
         owned = logits.dtype != torch.float32  # else the chunks are views of the model's output
+        step = _chunk_rows(b, v, t_chunk, device.type == "cpu")
     land = _Landing(b, t)
     with torch.inference_mode():
         if want.topk or want.sample_draws:
-            step = _chunk_rows(b, v, t_chunk, device.type == "cpu")
             uniforms = want.uniforms(row_offset, b, t)
             for t0, z in _logit_chunks(t, step, logits_of):
                 u = None if uniforms is None else uniforms[:, t0 : t0 + z.shape[1]]
