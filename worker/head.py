@@ -66,16 +66,13 @@ class LMHead:
             else:
                 torch.addmm(self.bias, x2, w.t(), out=o2)
             z = o2.view(*x.shape[:-1], w.shape[0])
-            if self.scale != 1.0:
-                z.mul_(self.scale)
-            if self.softcap:
-                z.div_(self.softcap).tanh_().mul_(self.softcap)
-            return z
-        z = F.linear(x, w, self.bias).float()
+        else:
+            z = F.linear(x, w, self.bias).float()
+        # z is this call's own (a fresh product, or the caller's buffer): transform in place
         if self.scale != 1.0:
-            z = z * self.scale
+            z.mul_(self.scale)
         if self.softcap:
-            z = torch.tanh(z / self.softcap) * self.softcap
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
         return z
 
 
