@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from kdcache.client import CacheDataset, LayerMap
-from kdcache.client.hf import KDConfig, KDTrainer
+from kdcache.client.hf import KDConfig, KDTrainer, end_distributed
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,3 +106,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed()  # after main: the Trainer is gone, then the process group

@@ -106,3 +106,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from kdcache.client.hf import end_distributed
+
+    end_distributed()

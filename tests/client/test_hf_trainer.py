@@ -135,3 +135,26 @@ def test_resume_trains_the_rows_the_uninterrupted_run_trained_next(
     folder = runs["tmp"] / name / f"checkpoint-{checkpoint}"
     state = json.loads((folder / "kdcache_dataset.json").read_text())
     assert (state["epoch"], state["consumed"]) == (epoch, (batches - 5 * epoch) * BATCH)
+
+
+END_SCRIPT = """
+import torch, torch.distributed as dist
+from kdcache.client.hf import end_distributed
+end_distributed()  # no group yet: nothing to do
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+model(torch.ones(4, 3)).sum().backward()
+out = [torch.zeros(2)]
+dist.all_gather(out, torch.ones(2))
+del model, out
+end_distributed()
+print("initialized after:", dist.is_initialized())
+"""
+
+
+def test_end_distributed_destroys_the_default_group_and_needs_none() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", END_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "initialized after: False" in done.stdout
