@@ -252,15 +252,24 @@ def _decoded(chunk: bytes) -> int:
     return int.from_bytes(chunk[4:8], "little")
 
 
-def epoch(make: Callable[[], CacheDataset], workers: int | None, batch: int) -> int:
+def epoch(
+    make: Callable[[], CacheDataset], workers: int | None, batch: int, recycle: bool = True
+) -> int:
     """Tensor bytes of one shuffled epoch handed to the caller: rows one by one (``workers``
-    None) or batches through ``ds.loader`` with ``workers`` DataLoader workers."""
+    None) or batches through ``ds.loader`` with ``workers`` DataLoader workers (``recycle``:
+    workers reuse block storages the main process let go of, else fresh shared memory each)."""
+    from kdcache.client import _loader
+
     ds = make()
     nbytes = 0
     if workers is not None:
         kw: dict[str, Any] = {"multiprocessing_context": "fork"} if workers else {}
-        for b in ds.loader(batch_size=batch, num_workers=workers, **kw):
-            nbytes += sum(v.numel() * v.element_size() for v in b.values())
+        _loader.RECYCLE = recycle
+        try:
+            for b in ds.loader(batch_size=batch, num_workers=workers, **kw):
+                nbytes += sum(v.numel() * v.element_size() for v in b.values())
+        finally:
+            _loader.RECYCLE = True
     else:
         for s in ds:
             nbytes += sum(v.numel() * v.element_size() for v in s.values())
@@ -413,11 +422,14 @@ def measure_local(
     make = lambda: CacheDataset(url, **kw)  # noqa: E731
     table.add(settings, "CacheDataset local, rows", lambda: epoch(make, None, 0), stored, dec)
     for w in args.workers:
+        for recycle in (False, True) if w else (True,):
 
-        def loader(w: int = w) -> int:
-            return epoch(make, w, args.batch_size)
+            def loader(w: int = w, recycle: bool = recycle) -> int:
+                return epoch(make, w, args.batch_size, recycle)
 
-        table.add(settings, f"CacheDataset local, loader, {w} workers", loader, stored, dec)
+            how = "" if not w else ", reused shm" if recycle else ", fresh shm"
+            name = f"CacheDataset local, loader, {w} workers{how}"
+            table.add(settings, name, loader, stored, dec)
     return dec
 
 

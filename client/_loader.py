@@ -19,12 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kdcache.client._shm import PackedBatch, Packer, Unpacker
+from kdcache.client._shm import ArenaPool, PackedBatch, Packer, Unpacker, release_board, use_pool
 
 if TYPE_CHECKING:
     from kdcache.client.dataset import CacheDataset
 
 __all__ = ["CacheLoader"]
+
+# workers decode blocks into storages they reuse once the main process lets go of them
+# (:class:`~kdcache.client._shm.ArenaPool`); False gives each block fresh shared memory, as before
+RECYCLE = True
 
 
 class _Batches(IterableDataset[Any]):
@@ -37,6 +41,7 @@ class _Batches(IterableDataset[Any]):
         self.dataset = dataset
         self.batch_size = batch_size
         self.pack = pack
+        self.board: torch.Tensor | None = None  # this pass's release board (set per iteration)
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
@@ -46,8 +51,18 @@ class _Batches(IterableDataset[Any]):
         info = get_worker_info()
         if not self.pack or info is None:
             return batches
-        packer = Packer(info.id)
-        return (packer.pack(b) for b in batches)
+        board = self.board
+        if board is None:
+            return (Packer(info.id).pack(b) for b in batches)
+        return _recycling(batches, ArenaPool(board[info.id].numpy()), info.id)
+
+
+def _recycling(batches: Iterator[Any], pool: ArenaPool, worker: int) -> Iterator[PackedBatch]:
+    """A worker's batches packed, its blocks decoded into storages the pool reuses."""
+    packer = Packer(worker, pool)
+    with use_pool(pool):
+        for b in batches:
+            yield packer.pack(b)
 
 
 class CacheLoader:
@@ -75,16 +90,22 @@ class CacheLoader:
         self.batch_size = batch_size
         # pinning runs in the DataLoader's thread on what workers send: leave it torch's tensors
         pack = not kwargs.get("pin_memory")
-        self.dataloader: DataLoader[Any] = DataLoader(
-            _Batches(dataset, batch_size, pack), batch_size=None, **kwargs
-        )
+        self._batches = _Batches(dataset, batch_size, pack)
+        # per worker, in the last pass: shared storages made and reused for blocks (workers only)
+        self.arenas: dict[int, tuple[int, int]] = {}
+        self.dataloader: DataLoader[Any] = DataLoader(self._batches, batch_size=None, **kwargs)
 
     def __len__(self) -> int:
         return len(self.dataloader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        counting = self.dataloader.num_workers > 0  # without workers the dataset counts itself
-        unpacker = Unpacker()
+        workers = self.dataloader.num_workers
+        counting = workers > 0  # without workers the dataset counts itself
+        # a fresh board each pass: its workers are new, and number the storages they send anew
+        board = release_board(workers) if workers and self._batches.pack and RECYCLE else None
+        self._batches.board = board
+        unpacker = Unpacker(board)
+        self.arenas = unpacker.arenas
         for item in self.dataloader:
             batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
             if counting:

@@ -7,6 +7,12 @@ leave. Here the fast-path fields of a block are carved out of one shared storage
 before decoding (as ``default_collate`` does for the batches it stacks in a worker), so pickling
 a batch only passes a handle to memory that already holds the values; :class:`Packer` and
 :class:`Unpacker` then pass that handle once per block rather than once per tensor per batch.
+
+Fresh shared memory costs a page fault per 4 KiB on first write, and torch creates a new
+shared-memory object for each storage: more CPU than decoding the block. A worker therefore
+reuses a block's storage for a later block once nothing holds it (:class:`ArenaPool`): the main
+process marks a storage's id on a shared release board when its batches' tensors are gone, and the
+worker checks that no tensor of its own still views it.
 """
 
 from __future__ import annotations
@@ -14,19 +20,119 @@ from __future__ import annotations
 import contextlib
 import mmap
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["PackedBatch", "Packer", "Arena", "Unpacker"]
+__all__ = ["Arena", "ArenaPool", "PackedBatch", "Packer", "Unpacker", "release_board", "use_pool"]
 
 _ALIGN = 64
 _MIN_MAPPED = 1 << 20
 INLINE_BYTES = 64 << 10
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; not among Python 3.11's mmap constants
+RELEASE_SLOTS = 1 << 20  # storage ids per worker and pass the board has room for
+KEEP_IDLE = 2  # free storages a worker keeps for reuse beyond those it is about to fill
+
+_POOL: ArenaPool | None = None  # this process's pool while a DataLoader worker iterates
+
+
+def _use_count(storage: torch.UntypedStorage) -> int | None:
+    """References to the storage's memory in this process (tensors, storages), or None where
+    this torch does not say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else int(count(storage._cdata))
+
+
+def release_board(workers: int) -> torch.Tensor:
+    """(workers, RELEASE_SLOTS) uint8 in shared memory, zero: the main process sets [w, i] when
+    it holds nothing of the storage worker w sent as id i (see :class:`ArenaPool`). Made before
+    the workers start, so each inherits it (fork) or receives it with the dataset (spawn); pages
+    are only allocated where written."""
+    return torch.zeros((max(workers, 1), RELEASE_SLOTS), dtype=torch.uint8).share_memory_()
+
+
+@contextlib.contextmanager
+def use_pool(pool: ArenaPool) -> Any:
+    """Shared arenas made in this process come from ``pool`` while the block is open."""
+    global _POOL
+    previous, _POOL = _POOL, pool
+    try:
+        yield pool
+    finally:
+        _POOL = previous
+
+
+@dataclass
+class _Held:
+    storage: torch.UntypedStorage
+    ids: set[int]
+
+
+class ArenaPool:
+    """A DataLoader worker's shared storages, reused for later blocks once nothing holds them.
+
+    A storage is free when (1) the main process has released every id the worker sent it under
+    (``board``: this worker's row of :func:`release_board`; the packer never refers to an id again
+    once a batch leaves it out, so after the release no batch in flight or to come uses it) and
+    (2) this process holds no other reference to its memory (a block still being batched, a
+    batch not yet pickled). Only then is it handed out again, so no reader can see a block's
+    values change. At most ``keep`` free storages are kept; the rest are let go. Where torch
+    cannot count references the pool never reuses (every arena is fresh, as without it).
+    """
+
+    def __init__(self, board: np.ndarray, keep: int = KEEP_IDLE) -> None:
+        self.board = board
+        self.keep = keep
+        self._held: dict[int, _Held] = {}  # data_ptr -> storage and the ids it went out under
+        self._lock = threading.Lock()  # blocks may be decoded in a read-ahead thread
+        self.reused = 0
+        self.made = 0
+
+    def new(self, nbytes: int) -> torch.UntypedStorage:
+        """A shared storage of at least ``nbytes`` (at most twice that when reused)."""
+        with self._lock:
+            return self._new(nbytes)
+
+    def _new(self, nbytes: int) -> torch.UntypedStorage:
+        free = [h for h in self._held.values() if self._is_free(h)]
+        fits = [h for h in free if nbytes <= h.storage.nbytes() <= 2 * nbytes]
+        pick = min(fits, key=lambda h: h.storage.nbytes()) if fits else None
+        idle = [h for h in free if h is not pick]
+        for h in sorted(idle, key=lambda h: h.storage.nbytes())[: max(len(idle) - self.keep, 0)]:
+            del self._held[h.storage.data_ptr()]
+        if pick is not None:
+            self.reused += 1
+            return pick.storage
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        self.made += 1
+        if _use_count(storage) is not None:
+            self._held[storage.data_ptr()] = _Held(storage, set())
+        return storage
+
+    def sent(self, sid: int, storage: torch.UntypedStorage) -> None:
+        """``storage`` went to the main process as id ``sid``."""
+        with self._lock:
+            self._sent(sid, storage)
+
+    def _sent(self, sid: int, storage: torch.UntypedStorage) -> None:
+        h = self._held.get(storage.data_ptr())
+        if h is None or h.storage.nbytes() != storage.nbytes():
+            return
+        if sid >= self.board.shape[0]:  # no slot to hear back on: never reuse it
+            del self._held[storage.data_ptr()]
+            return
+        h.ids.add(sid)
+
+    def _is_free(self, h: _Held) -> bool:
+        h.ids = {i for i in h.ids if not self.board[i]}
+        # tensors count in the storage's use count; holders of the storage object itself (an
+        # arena, the packer) only in its Python reference count: here, h and the call's argument
+        return not h.ids and _use_count(h.storage) == 1 and sys.getrefcount(h.storage) == 2
 
 
 class Arena:
@@ -52,7 +158,8 @@ class Arena:
         self.nbytes = end
         self.storage: torch.UntypedStorage | None = None
         if shared:
-            self.storage = torch.UntypedStorage._new_shared(max(end, 1))
+            size = max(end, 1)
+            self.storage = _POOL.new(size) if _POOL else torch.UntypedStorage._new_shared(size)
             raw = torch.empty(0, dtype=torch.uint8).set_(self.storage).numpy()
         else:
             raw = _mapped(max(end, 1))
@@ -127,6 +234,7 @@ class PackedBatch:
     storages: dict[int, torch.Tensor]
     live: tuple[int, ...]
     items: dict[str, torch.Tensor | _View | _Inline]
+    arenas: tuple[int, int] = (0, 0)  # the worker's pool so far: storages made, reused
 
 
 class Packer:
@@ -140,8 +248,9 @@ class Packer:
     storage's address cannot be reused while the main process may still look it up by id.
     """
 
-    def __init__(self, worker: int) -> None:
+    def __init__(self, worker: int, pool: ArenaPool | None = None) -> None:
         self.worker = worker
+        self.pool = pool
         self._sent: dict[int, tuple[int, torch.UntypedStorage]] = {}
         self._next = 0
 
@@ -163,22 +272,41 @@ class Packer:
                 entry = (self._next, s)
                 self._next += 1
                 new[entry[0]] = torch.empty(0, dtype=torch.uint8).set_(s)
+                if self.pool is not None:
+                    self.pool.sent(entry[0], s)
             used[ptr] = entry
             offset = int(t.storage_offset())
             items[key] = _View(entry[0], t.dtype, offset, tuple(t.shape), tuple(t.stride()))
         self._sent = used
-        return PackedBatch(self.worker, new, tuple(i for i, _ in used.values()), items)
+        arenas = (self.pool.made, self.pool.reused) if self.pool is not None else (0, 0)
+        return PackedBatch(self.worker, new, tuple(i for i, _ in used.values()), items, arenas)
 
 
 class Unpacker:
     """Main-process side of :class:`Packer`: rebuilds each batch's tensors as views of the
-    storages received, dropping a storage once its worker no longer refers to it."""
+    storages received, dropping a storage once its worker no longer refers to it, and (with a
+    ``board``, see :func:`release_board`) marking it released once no tensor here views it."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: torch.Tensor | None = None) -> None:
         self._storages: dict[tuple[int, int], torch.UntypedStorage] = {}
+        self._board = board.numpy() if board is not None else None
+        self._watch: list[tuple[int, int, StorageWeakRef]] = []
+        self.arenas: dict[int, tuple[int, int]] = {}  # worker -> shared storages made, reused
+
+    def _release(self) -> None:
+        board, keep = self._board, []
+        if board is None:
+            return
+        for w, i, ref in self._watch:
+            if not ref.expired():
+                keep.append((w, i, ref))
+            elif w < board.shape[0] and i < board.shape[1]:
+                board[w, i] = 1
+        self._watch = keep
 
     def unpack(self, packed: PackedBatch) -> dict[str, torch.Tensor]:
         w = packed.worker
+        self.arenas[w] = packed.arenas
         for i, t in packed.storages.items():
             self._storages[(w, i)] = t.untyped_storage()
         out: dict[str, torch.Tensor] = {}
@@ -192,5 +320,8 @@ class Unpacker:
                 out[key] = v
         live = set(packed.live)
         for k in [k for k in self._storages if k[0] == w and k[1] not in live]:
+            if self._board is not None:
+                self._watch.append((*k, StorageWeakRef(self._storages[k])))
             del self._storages[k]
+        self._release()
         return out

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.client._shm import Arena, PackedBatch, Packer, Unpacker
-from kdcache.client.dataset import CacheDataset
+from kdcache.client._shm import Arena, ArenaPool, PackedBatch, Packer, Unpacker
+from kdcache.client.dataset import CacheDataset, CacheLoader
 
 SPECS = [((3, 5), np.dtype(np.int64)), ((3, 7), np.dtype(np.uint16)), ((2,), np.dtype(np.bool_))]
 
@@ -93,3 +93,101 @@ def test_worker_batches_of_one_block_share_one_storage(cache_dir37: str) -> None
     assert ptrs[0] == ptrs[2] and ptrs[1] == ptrs[3]
     assert got[0]["input_ids"].untyped_storage().data_ptr() == ptrs[0]
     assert got[0]["topk_indices"].untyped_storage().data_ptr() == ptrs[0]
+
+
+def _board(slots: int = 64) -> np.ndarray:
+    return np.zeros(slots, dtype=np.uint8)
+
+
+def test_pool_reuses_a_storage_only_once_released_and_unreferenced() -> None:
+    board = _board()
+    pool = ArenaPool(board, keep=1)
+    first = pool.new(1000)
+    view = torch.empty(0, dtype=torch.uint8).set_(first)  # a tensor of this process views it
+    pool.sent(3, first)
+    ptr = first.data_ptr()
+    del first
+    held = [pool.new(1000)]  # sent as id 3, not released: a fresh one (held, so not reusable)
+    board[3] = 1
+    held.append(pool.new(1000))  # released, but a tensor here still views it: fresh again
+    assert (pool.made, pool.reused) == (3, 0)
+    del view
+    again = pool.new(900)
+    assert again.data_ptr() == ptr and again.nbytes() >= 900
+    assert (pool.made, pool.reused) == (3, 1)
+
+
+def _released(pool: ArenaPool, board: np.ndarray, sizes: list[int]) -> dict[int, int]:
+    """Storages of these sizes made, sent and released: size -> address."""
+    ptrs = {}
+    for sid, n in enumerate(sizes):
+        s = pool.new(n)
+        pool.sent(sid, s)
+        ptrs[n] = s.data_ptr()
+        board[sid] = 1
+    return ptrs
+
+
+def test_pool_picks_the_smallest_free_storage_within_twice_the_size() -> None:
+    board = _board()
+    pool = ArenaPool(board, keep=4)
+    ptrs = _released(pool, board, [1000, 1500, 1300])
+    assert pool.new(1200).data_ptr() == ptrs[1300]  # 1000 too small; 1300 fits best
+    kept = pool.new(400)  # 1000 is over twice 400: a fresh one
+    assert pool.reused == 1 and pool.made == 4 and kept.data_ptr() not in ptrs.values()
+
+
+def test_pool_lets_go_of_free_storages_beyond_keep() -> None:
+    board = _board()
+    pool = ArenaPool(board, keep=1)
+    ptrs = _released(pool, board, [1000, 2000, 3000, 9000])
+    fresh = pool.new(100)  # fits none: the three smallest idle ones are let go
+    held = {h.storage.data_ptr() for h in pool._held.values()}
+    assert held == {ptrs[9000], fresh.data_ptr()}
+
+
+def test_pool_never_reuses_a_storage_it_cannot_hear_back_on() -> None:
+    board = _board(slots=2)
+    pool = ArenaPool(board)
+    s = pool.new(1000)
+    pool.sent(5, s)  # id beyond the board: the main process has no slot to release it on
+    assert not pool._held  # let go of, never to be handed out again
+    del s
+    board[:] = 1
+    pool.new(1000)
+    assert (pool.made, pool.reused) == (2, 0)
+
+
+# read-ahead kept to one block, one batch in flight: a block's storage is let go by the main
+# process while the worker still has blocks to decode
+SLOW = {"prefetch_bytes": 1, "shuffle_window": 4}
+
+
+def test_a_worker_reuses_only_the_block_storages_the_main_process_let_go(
+    cache_dir37: str,
+) -> None:
+    kw = {"fields": ["input_ids", "topk", "hidden_1"], "seed": 4, "batch_size": 2, **SLOW}
+    want = list(CacheDataset(cache_dir37, **kw).loader())
+
+    def loader() -> CacheLoader:
+        return CacheDataset(cache_dir37, **kw).loader(
+            num_workers=1, multiprocessing_context="fork", prefetch_factor=1
+        )
+
+    held = loader()
+    got = list(held)  # every batch kept: no block may be written over
+    for n, (a, b) in enumerate(zip(want, got, strict=True)):
+        for k in a:
+            assert torch.equal(a[k], b[k]), (n, k)
+    ((blocks, none),) = held.arenas.values()
+    assert none == 0 and blocks >= 5  # 37 rows: at least five blocks (shards of 8 rows)
+
+    dropped, n = loader(), 0
+    for b in dropped:  # each batch let go once compared
+        for k in want[n]:
+            assert torch.equal(want[n][k], b[k]), (n, k)
+        n += 1
+        del b
+    assert n == len(want)
+    ((made, reused),) = dropped.arenas.values()
+    assert reused >= 1 and made + reused == blocks
