@@ -257,22 +257,23 @@ def epoch(
 ) -> int:
     """Tensor bytes of one shuffled epoch handed to the caller: rows one by one (``workers``
     None) or batches through ``ds.loader`` with ``workers`` DataLoader workers (``recycle``:
-    workers reuse block storages the main process let go of, else fresh shared memory each)."""
-    from kdcache.client import _loader
+    blocks decoded into memory reused once the caller let go of an earlier block, else fresh
+    memory for each, as before)."""
+    from kdcache.client import _shm
 
     ds = make()
     nbytes = 0
-    if workers is not None:
-        kw: dict[str, Any] = {"multiprocessing_context": "fork"} if workers else {}
-        _loader.RECYCLE = recycle
-        try:
+    kw: dict[str, Any] = {"multiprocessing_context": "fork"} if workers else {}
+    _shm.REUSE = recycle
+    try:
+        if workers is not None:
             for b in ds.loader(batch_size=batch, num_workers=workers, **kw):
                 nbytes += sum(v.numel() * v.element_size() for v in b.values())
-        finally:
-            _loader.RECYCLE = True
-    else:
-        for s in ds:
-            nbytes += sum(v.numel() * v.element_size() for v in s.values())
+        else:
+            for s in ds:
+                nbytes += sum(v.numel() * v.element_size() for v in s.values())
+    finally:
+        _shm.REUSE = True
     return nbytes
 
 
@@ -422,13 +423,13 @@ def measure_local(
     make = lambda: CacheDataset(url, **kw)  # noqa: E731
     table.add(settings, "CacheDataset local, rows", lambda: epoch(make, None, 0), stored, dec)
     for w in args.workers:
-        for recycle in (False, True) if w else (True,):
+        for recycle in (False, True):
 
             def loader(w: int = w, recycle: bool = recycle) -> int:
                 return epoch(make, w, args.batch_size, recycle)
 
-            how = "" if not w else ", reused shm" if recycle else ", fresh shm"
-            name = f"CacheDataset local, loader, {w} workers{how}"
+            how = "reused" if recycle else "fresh"
+            name = f"CacheDataset local, loader, {w} workers, {how} mem"
             table.add(settings, name, loader, stored, dec)
     return dec
 
@@ -472,6 +473,12 @@ def main() -> None:
     p.add_argument("--sources", default="local,http,s3")
     p.add_argument("--threads", type=int, default=4, help="read/decode threads")
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts to measure")
+    p.add_argument(
+        "--shuffle-window",
+        type=int,
+        default=0,
+        help="CacheDataset shuffle_window in rows (0: its default, 256 MiB of rows)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdcache-bench"))
@@ -499,6 +506,8 @@ def main() -> None:
     )
     table = Table(args, m.num_rows * m.seq_len)
     kw = {"fields": fields, "seed": 0, "read_threads": args.threads}
+    if args.shuffle_window:  # smaller windows: many blocks per epoch, as a large cache has
+        kw["shuffle_window"] = args.shuffle_window
     sources = args.sources.split(",")
     dec = Cost(float("nan"), float("nan"))
     if "local" in sources:

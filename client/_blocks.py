@@ -18,7 +18,7 @@ import zarr
 
 from kdcache.client._fields import to_tensors
 from kdcache.client._shardread import FastLayout, Task
-from kdcache.client._shm import Arena
+from kdcache.client._shm import Arena, ArenaPool, worker_pool
 from kdcache.core.format import Manifest
 from kdcache.core.hidden_basis import Basis
 from kdcache.core.reader import corrupt_as_integrity_error
@@ -170,6 +170,9 @@ class BlockReader:
     ) -> None:
         self.manifest = manifest
         self.shared = shared
+        # a pass's blocks decoded into memory reused once the caller lets go of a block; a
+        # DataLoader worker's come from its pass's shared pool (see kdcache.client._loader)
+        self.arenas = ArenaPool()
         self.bases = bases
         self.fields = list(fields) or list(arrays)
         self.arrays = dict(arrays)
@@ -187,6 +190,10 @@ class BlockReader:
         dtype = layout.dtype if coded else TENSOR_DTYPES.get(field, layout.dtype)  # decoded later
         return tuple(shape), np.dtype(dtype)
 
+    def end_pass(self) -> None:
+        """Let go of the blocks kept for reuse (they are freed once the caller drops them)."""
+        self.arenas.clear()
+
     def read(self, rows: np.ndarray) -> RowBlock:
         """Rows in yield order (repeats allowed) of every field, as a RowBlock.
 
@@ -201,7 +208,8 @@ class BlockReader:
         fast = {f: lay for f, lay in self.layouts.items() if lay is not None and locate}
         specs = {f: self._out_spec(f, layout) for f, layout in fast.items()}
         shapes = [((len(rows), *shape), dt) for shape, dt in specs.values()]
-        arena = Arena(shapes, shared=self.shared and bool(shapes))
+        shared = self.shared and bool(shapes)
+        arena = Arena(shapes, shared, worker_pool() if shared else self.arenas)
         data: dict[str, np.ndarray] = dict(zip(fast, arena.arrays, strict=True))
         tasks: list[Task] = []
         for field, layout in fast.items():

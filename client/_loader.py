@@ -19,16 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kdcache.client import _shm
 from kdcache.client._shm import ArenaPool, PackedBatch, Packer, Unpacker, release_board, use_pool
 
 if TYPE_CHECKING:
     from kdcache.client.dataset import CacheDataset
 
 __all__ = ["CacheLoader"]
-
-# workers decode blocks into storages they reuse once the main process lets go of them
-# (:class:`~kdcache.client._shm.ArenaPool`); False gives each block fresh shared memory, as before
-RECYCLE = True
 
 
 class _Batches(IterableDataset[Any]):
@@ -102,7 +99,7 @@ class CacheLoader:
         workers = self.dataloader.num_workers
         counting = workers > 0  # without workers the dataset counts itself
         # a fresh board each pass: its workers are new, and number the storages they send anew
-        board = release_board(workers) if workers and self._batches.pack and RECYCLE else None
+        board = release_board(workers) if workers and self._batches.pack and _shm.REUSE else None
         self._batches.board = board
         unpacker = Unpacker(board)
         self.arenas = unpacker.arenas

@@ -29,16 +29,27 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["Arena", "ArenaPool", "PackedBatch", "Packer", "Unpacker", "release_board", "use_pool"]
+__all__ = [
+    "Arena",
+    "ArenaPool",
+    "PackedBatch",
+    "Packer",
+    "Unpacker",
+    "release_board",
+    "use_pool",
+    "worker_pool",
+]
 
 _ALIGN = 64
 _MIN_MAPPED = 1 << 20
 INLINE_BYTES = 64 << 10
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; not among Python 3.11's mmap constants
 RELEASE_SLOTS = 1 << 20  # storage ids per worker and pass the board has room for
-KEEP_IDLE = 2  # free storages a worker keeps for reuse beyond those it is about to fill
+KEEP_IDLE = 2  # free storages a pool keeps for reuse beyond the one it hands out
 
 _POOL: ArenaPool | None = None  # this process's pool while a DataLoader worker iterates
+# False: every block decoded into fresh memory, nothing reused (as before pools; for benches)
+REUSE = True
 
 
 def _use_count(storage: torch.UntypedStorage) -> int | None:
@@ -54,6 +65,11 @@ def release_board(workers: int) -> torch.Tensor:
     the workers start, so each inherits it (fork) or receives it with the dataset (spawn); pages
     are only allocated where written."""
     return torch.zeros((max(workers, 1), RELEASE_SLOTS), dtype=torch.uint8).share_memory_()
+
+
+def worker_pool() -> ArenaPool | None:
+    """The pool of this DataLoader worker's pass (see :func:`use_pool`), if any."""
+    return _POOL
 
 
 @contextlib.contextmanager
@@ -74,19 +90,23 @@ class _Held:
 
 
 class ArenaPool:
-    """A DataLoader worker's shared storages, reused for later blocks once nothing holds them.
+    """Storages for decoded blocks, reused for later blocks once nothing holds them.
 
-    A storage is free when (1) the main process has released every id the worker sent it under
-    (``board``: this worker's row of :func:`release_board`; the packer never refers to an id again
-    once a batch leaves it out, so after the release no batch in flight or to come uses it) and
-    (2) this process holds no other reference to its memory (a block still being batched, a
-    batch not yet pickled). Only then is it handed out again, so no reader can see a block's
-    values change. At most ``keep`` free storages are kept; the rest are let go. Where torch
-    cannot count references the pool never reuses (every arena is fresh, as without it).
+    With a ``board`` (this DataLoader worker's row of :func:`release_board`) the storages are
+    shared memory the worker sends to the main process; without one, private memory of this
+    process (a dataset read without workers). A storage is free when (1) with a board, the main
+    process has released every id the worker sent it under (the packer never refers to an id
+    again once a batch leaves it out, so after the release no batch in flight or to come uses
+    it) and (2) this process holds no other reference to its memory (a block still being
+    batched, a batch not yet pickled or still in the caller's hands). Only then is it handed out
+    again, so no reader can see a block's values change. At most ``keep`` free storages are
+    kept; the rest are let go. Where torch cannot count references the pool never reuses
+    (every arena is fresh, as without it).
     """
 
-    def __init__(self, board: np.ndarray, keep: int = KEEP_IDLE) -> None:
+    def __init__(self, board: np.ndarray | None = None, keep: int = KEEP_IDLE) -> None:
         self.board = board
+        self.shared = board is not None
         self.keep = keep
         self._held: dict[int, _Held] = {}  # data_ptr -> storage and the ids it went out under
         self._lock = threading.Lock()  # blocks may be decoded in a read-ahead thread
@@ -94,13 +114,17 @@ class ArenaPool:
         self.made = 0
 
     def new(self, nbytes: int) -> torch.UntypedStorage:
-        """A shared storage of at least ``nbytes`` (at most twice that when reused)."""
+        """A shared storage of at least ``nbytes``: the smallest free one that holds them, else
+        a fresh one."""
         with self._lock:
             return self._new(nbytes)
 
     def _new(self, nbytes: int) -> torch.UntypedStorage:
+        if not REUSE:
+            self.made += 1
+            return _fresh(nbytes, self.shared)
         free = [h for h in self._held.values() if self._is_free(h)]
-        fits = [h for h in free if nbytes <= h.storage.nbytes() <= 2 * nbytes]
+        fits = [h for h in free if nbytes <= h.storage.nbytes()]  # already paid for: any size
         pick = min(fits, key=lambda h: h.storage.nbytes()) if fits else None
         idle = [h for h in free if h is not pick]
         for h in sorted(idle, key=lambda h: h.storage.nbytes())[: max(len(idle) - self.keep, 0)]:
@@ -108,7 +132,7 @@ class ArenaPool:
         if pick is not None:
             self.reused += 1
             return pick.storage
-        storage = torch.UntypedStorage._new_shared(nbytes)
+        storage = _fresh(nbytes, self.shared)
         self.made += 1
         if _use_count(storage) is not None:
             self._held[storage.data_ptr()] = _Held(storage, set())
@@ -119,9 +143,14 @@ class ArenaPool:
         with self._lock:
             self._sent(sid, storage)
 
+    def clear(self) -> None:
+        """Let go of every storage (each lives on while anything else holds it)."""
+        with self._lock:
+            self._held.clear()
+
     def _sent(self, sid: int, storage: torch.UntypedStorage) -> None:
         h = self._held.get(storage.data_ptr())
-        if h is None or h.storage.nbytes() != storage.nbytes():
+        if h is None or h.storage.nbytes() != storage.nbytes() or self.board is None:
             return
         if sid >= self.board.shape[0]:  # no slot to hear back on: never reuse it
             del self._held[storage.data_ptr()]
@@ -129,7 +158,8 @@ class ArenaPool:
         h.ids.add(sid)
 
     def _is_free(self, h: _Held) -> bool:
-        h.ids = {i for i in h.ids if not self.board[i]}
+        board = self.board
+        h.ids = {i for i in h.ids if not board[i]} if board is not None else h.ids
         # tensors count in the storage's use count; holders of the storage object itself (an
         # arena, the packer) only in its Python reference count: here, h and the call's argument
         return not h.ids and _use_count(h.storage) == 1 and sys.getrefcount(h.storage) == 2
@@ -149,20 +179,25 @@ class Arena:
     """
 
     def __init__(
-        self, specs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]], shared: bool = False
+        self,
+        specs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]],
+        shared: bool = False,
+        pool: ArenaPool | None = None,
     ) -> None:
         offsets, end = [], 0
         for shape, dtype in specs:
             offsets.append(end)
             end += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
         self.nbytes = end
-        self.storage: torch.UntypedStorage | None = None
-        if shared:
-            size = max(end, 1)
-            self.storage = _POOL.new(size) if _POOL else torch.UntypedStorage._new_shared(size)
-            raw = torch.empty(0, dtype=torch.uint8).set_(self.storage).numpy()
+        self.storage: torch.UntypedStorage | None = None  # set when shared
+        size = max(end, 1)
+        if pool is not None and pool.shared == shared:
+            storage = pool.new(size)
         else:
-            raw = _mapped(max(end, 1))
+            storage = _fresh(size, shared)
+        if shared:
+            self.storage = storage
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
         self.base = int(raw.ctypes.data)
         self.arrays = [
             raw[o : o + _nbytes(shape, dt)].view(dt).reshape(shape)
@@ -178,6 +213,13 @@ class Arena:
             return t
         out = torch.empty(0, dtype=t.dtype)
         return out.set_(self.storage, offset // t.element_size(), t.shape, t.stride())
+
+
+def _fresh(nbytes: int, shared: bool) -> torch.UntypedStorage:
+    """A new storage: torch shared memory, or a private mapping (kept alive by the storage)."""
+    if shared:
+        return torch.UntypedStorage._new_shared(nbytes)
+    return torch.from_numpy(_mapped(nbytes)).untyped_storage()
 
 
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:

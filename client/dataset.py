@@ -468,6 +468,8 @@ class CacheDataset(IterableDataset[Sample]):
                 self._end_pass()
         finally:
             prefetch.close()
+            for o in (opened, *opened.members):
+                o.blocks.end_pass()
 
     def __iter__(self) -> Iterator[Sample]:
         in_main = get_worker_info() is None
