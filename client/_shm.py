@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = [
     "Arena",
@@ -326,31 +325,47 @@ class Packer:
 
 class Unpacker:
     """Main-process side of :class:`Packer`: rebuilds each batch's tensors as views of the
-    storages received, dropping a storage once its worker no longer refers to it, and (with a
-    ``board``, see :func:`release_board`) marking it released once no tensor here views it."""
+    storages received, dropping a storage once its worker no longer refers to it.
+
+    With a ``board`` (see :func:`release_board`), a dropped storage is released to its worker
+    once no tensor here views it, and its mapping is kept (a few per worker): when the worker
+    sends the storage again with a later block, torch finds the mapping by the shared object's
+    inode and maps nothing anew, so reading the block costs no page faults either.
+    """
 
     def __init__(self, board: torch.Tensor | None = None) -> None:
         self._storages: dict[tuple[int, int], torch.UntypedStorage] = {}
         self._board = board.numpy() if board is not None else None
-        self._watch: list[tuple[int, int, StorageWeakRef]] = []
+        self._idle: list[tuple[int, int, torch.UntypedStorage]] = []  # dropped, maybe in use
+        self._kept: dict[int, tuple[int, torch.UntypedStorage]] = {}  # data_ptr -> released
         self.arenas: dict[int, tuple[int, int]] = {}  # worker -> shared storages made, reused
 
     def _release(self) -> None:
-        board, keep = self._board, []
+        board = self._board
         if board is None:
             return
-        for w, i, ref in self._watch:
-            if not ref.expired():
-                keep.append((w, i, ref))
-            elif w < board.shape[0] and i < board.shape[1]:
+        idle, self._idle = self._idle, []
+        while idle:
+            w, i, s = idle.pop()
+            # views count in the use count; the storage object itself is held by s and the call
+            if _use_count(s) != 1 or sys.getrefcount(s) != 2:
+                self._idle.append((w, i, s))
+                continue
+            if i < board.shape[1]:
                 board[w, i] = 1
-        self._watch = keep
+            self._kept[s.data_ptr()] = (w, s)
+            mine = [p for p, (v, _) in self._kept.items() if v == w]
+            for p in mine[: max(len(mine) - KEEP_IDLE - 2, 0)]:  # oldest first
+                del self._kept[p]
+            del s
 
     def unpack(self, packed: PackedBatch) -> dict[str, torch.Tensor]:
         w = packed.worker
         self.arenas[w] = packed.arenas
         for i, t in packed.storages.items():
-            self._storages[(w, i)] = t.untyped_storage()
+            storage = t.untyped_storage()
+            self._kept.pop(storage.data_ptr(), None)  # a kept mapping, in use again
+            self._storages[(w, i)] = storage
         out: dict[str, torch.Tensor] = {}
         for key, v in packed.items.items():
             if isinstance(v, _View):
@@ -363,7 +378,7 @@ class Unpacker:
         live = set(packed.live)
         for k in [k for k in self._storages if k[0] == w and k[1] not in live]:
             if self._board is not None:
-                self._watch.append((*k, StorageWeakRef(self._storages[k])))
+                self._idle.append((*k, self._storages[k]))
             del self._storages[k]
         self._release()
         return out
