@@ -62,6 +62,14 @@ def _recycling(batches: Iterator[Any], pool: ArenaPool, worker: int) -> Iterator
             yield packer.pack(b)
 
 
+def _pins() -> bool:
+    """Whether a DataLoader with ``pin_memory=True`` pins here (as torch decides it)."""
+    if not torch.accelerator.is_available():
+        return False
+    acc = torch.accelerator.current_accelerator()
+    return acc is not None and acc.type != "mps"
+
+
 class CacheLoader:
     """Iterate batches of a :class:`CacheDataset`: dicts of (B, ...) tensors.
 
@@ -86,7 +94,8 @@ class CacheLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         # pinning runs in the DataLoader's thread on what workers send: leave it torch's tensors
-        pack = not kwargs.get("pin_memory")
+        # where it will pin (torch pins nothing without an accelerator, nor on MPS)
+        pack = not (kwargs.get("pin_memory") and _pins())
         self._batches = _Batches(dataset, batch_size, pack)
         # per worker, in the last pass: shared storages made and reused for blocks (workers only)
         self.arenas: dict[int, tuple[int, int]] = {}

@@ -4,6 +4,7 @@ the main process once, batches rebuilt there as views of it."""
 from __future__ import annotations
 
 import pickle
+import warnings
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -216,3 +217,25 @@ def test_without_workers_blocks_reuse_memory_only_once_the_caller_lets_go(
     for n, (a, b) in enumerate(zip(want, held, strict=True)):  # the kept batches are intact
         for k in a:
             assert torch.equal(a[k], b[k]), (n, k)
+
+
+def test_pin_memory_without_an_accelerator_still_packs_and_reuses(cache_dir37: str) -> None:
+    """torch pins nothing without an accelerator: batches still cross as packed views."""
+    from kdcache.client._loader import _pins
+
+    kw = {"fields": ["input_ids", "topk"], "seed": 4, "batch_size": 2, **SLOW}
+    want = list(CacheDataset(cache_dir37, **kw).loader())
+    loader = CacheDataset(cache_dir37, **kw).loader(
+        num_workers=1, multiprocessing_context="fork", prefetch_factor=1, pin_memory=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "no accelerator is found"
+        for n, b in enumerate(loader):
+            for k in want[n]:
+                assert torch.equal(want[n][k], b[k]), (n, k)
+            del b
+    packed = bool(loader.arenas)
+    assert packed == (not _pins())
+    if packed:
+        ((_, reused),) = loader.arenas.values()
+        assert reused >= 1
