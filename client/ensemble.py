@@ -69,6 +69,9 @@ def check_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
     """The teachers' weights normalised to sum 1 (uniform when None)."""
     if weights is None:
         return (1.0 / n,) * n
+    bad = [x for x in weights if isinstance(x, (bool, np.bool_, str, bytes))]
+    if bad:  # float(True) is 1.0, float("2") is 2.0: a mask or a string is not a weight
+        raise ValueError(f"weights must be numbers, one per cache; got {list(weights)!r}")
     w = [float(x) for x in weights]
     if len(w) != n:
         raise ValueError(f"weights has {len(w)} entries for {n} caches; give one per cache")

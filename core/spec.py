@@ -57,8 +57,30 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]{1,4}|mps)$")
 MIN_TEMPERATURE, MAX_TEMPERATURE, MAX_TEMPERATURES = 0.01, 1000.0, 64
 
 
+def _types(annotation: Any) -> set[Any]:
+    """Every type an annotation names (through unions, lists, literals' value types)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return {type(a) for a in args}
+    if not args:
+        return {annotation}
+    return set().union(*(_types(a) for a in args))
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: Any) -> Any:
+        """``true`` where a number goes is refused (pydantic would read it as 1)."""
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not any(isinstance(v, bool) for v in items):
+            return value
+        types = _types(cls.model_fields[info.field_name].annotation)
+        if bool not in types and types & {int, float}:
+            raise ValueError(f"expected a number, got a boolean: {value!r}")
+        return value
 
 
 class TeacherSpec(_Model):

@@ -175,6 +175,13 @@ def test_weights_are_normalised_without_overflow() -> None:
     assert check_weights([1e308, 1e308, 0], 3) == (0.5, 0.5, 0.0)  # their sum is inf
     assert check_weights([3, 1], 2) == (0.75, 0.25)
     assert check_weights(None, 4) == (0.25,) * 4
+    assert check_weights(np.array([1.0, 3.0]), 2) == (0.25, 0.75)
+
+
+@pytest.mark.parametrize("weights", [[True, False], [1, "2"], [np.bool_(True), 1.0]])
+def test_weights_that_are_not_numbers_are_refused(weights: list[Any]) -> None:
+    with pytest.raises(ValueError, match="weights must be numbers"):
+        check_weights(weights, 2)
 
 
 def test_resume_continues_the_ensemble_order(caches: dict[str, Any]) -> None:

@@ -61,6 +61,12 @@ def test_temperature_one_is_always_cached() -> None:
         ("rows_per_shard", 0, "rows_per_shard"),
         ("batch_size", 0, "batch_size"),
         ("bogus", 1, "bogus"),
+        # pydantic reads true as 1: a boolean where a number goes is refused
+        ("outputs.topk", True, "outputs.topk"),
+        ("outputs.hidden_layers", [True, 2], "outputs.hidden_layers"),
+        ("outputs.temperatures", [False], "outputs.temperatures"),
+        ("rows_per_shard", True, "rows_per_shard"),
+        ("generate", {"max_new_tokens": True}, "generate.max_new_tokens"),
     ],
 )
 def test_each_invalid_field_is_named(path: str, value: object, field: str) -> None:
@@ -68,6 +74,11 @@ def test_each_invalid_field_is_named(path: str, value: object, field: str) -> No
         parse_spec(_with(path, value))
     fields = [p.field for p in info.value.problems]
     assert field in fields, fields
+
+
+def test_booleans_still_go_where_a_boolean_goes() -> None:
+    spec = parse_spec(_with("outputs.sample_logprobs", True))
+    assert spec.outputs.sample_logprobs is True
 
 
 def test_teacher_needs_exactly_one_source() -> None:
