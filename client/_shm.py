@@ -44,7 +44,11 @@ _MIN_MAPPED = 1 << 20
 INLINE_BYTES = 64 << 10
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; not among Python 3.11's mmap constants
 RELEASE_SLOTS = 1 << 20  # storage ids per worker and pass the board has room for
-KEEP_IDLE = 2  # free storages a pool keeps for reuse beyond the one it hands out
+# free storages a pool keeps beyond the one it hands out: one, so a pass holds at most one spare
+# block beyond those in use (keeping none lost a third of the reuse when two blocks were let go
+# at once); the main process keeps a few mappings per worker of storages the worker may reuse
+KEEP_IDLE = 1
+KEEP_MAPPED = 3
 
 _POOL: ArenaPool | None = None  # this process's pool while a DataLoader worker iterates
 # False: every block decoded into fresh memory, nothing reused (as before pools; for benches)
@@ -355,7 +359,7 @@ class Unpacker:
                 board[w, i] = 1
             self._kept[s.data_ptr()] = (w, s)
             mine = [p for p, (v, _) in self._kept.items() if v == w]
-            for p in mine[: max(len(mine) - KEEP_IDLE - 2, 0)]:  # oldest first
+            for p in mine[: max(len(mine) - KEEP_MAPPED, 0)]:  # oldest first
                 del self._kept[p]
             del s
 
