@@ -12,7 +12,8 @@ Fresh shared memory costs a page fault per 4 KiB on first write, and torch creat
 shared-memory object for each storage: more CPU than decoding the block. A worker therefore
 reuses a block's storage for a later block once nothing holds it (:class:`ArenaPool`): the main
 process marks a storage's id on a shared release board when its batches' tensors are gone, and the
-worker checks that no tensor of its own still views it.
+worker checks that no tensor of its own still views it. A dataset read without workers reuses its
+blocks' private memory the same way, by the use count alone.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def _use_count(storage: torch.UntypedStorage) -> int | None:
 
 def release_board(workers: int) -> torch.Tensor:
     """(workers, RELEASE_SLOTS) uint8 in shared memory, zero: the main process sets [w, i] when
-    it holds nothing of the storage worker w sent as id i (see :class:`ArenaPool`). Made before
-    the workers start, so each inherits it (fork) or receives it with the dataset (spawn); pages
-    are only allocated where written."""
+    it holds nothing of the storage worker w sent as id i (see :class:`ArenaPool`): 1 MiB per
+    worker. Made before the workers start, so each inherits it (fork) or receives it with the
+    dataset (spawn)."""
     return torch.zeros((max(workers, 1), RELEASE_SLOTS), dtype=torch.uint8).share_memory_()
 
 
