@@ -64,9 +64,12 @@ def _recycling(batches: Iterator[Any], pool: ArenaPool, worker: int) -> Iterator
 
 def _pins() -> bool:
     """Whether a DataLoader with ``pin_memory=True`` pins here (as torch decides it)."""
-    if not torch.accelerator.is_available():
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None:  # torch < 2.6: its DataLoader pins where CUDA is
+        return bool(torch.cuda.is_available())
+    if not accelerator.is_available():
         return False
-    acc = torch.accelerator.current_accelerator()
+    acc = accelerator.current_accelerator()
     return acc is not None and acc.type != "mps"
 
 
