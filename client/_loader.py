@@ -13,6 +13,7 @@ are neither copied nor passed as one file descriptor per tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,15 +50,16 @@ class _Batches(IterableDataset[Any]):
         if not self.pack or info is None:
             return batches
         board = self.board
-        if board is None:
-            return (Packer(info.id).pack(b) for b in batches)
-        return _recycling(batches, ArenaPool(board[info.id].numpy()), info.id)
+        pool = None if board is None else ArenaPool(board[info.id].numpy())
+        return _packed(batches, Packer(info.id, pool), pool)
 
 
-def _recycling(batches: Iterator[Any], pool: ArenaPool, worker: int) -> Iterator[PackedBatch]:
-    """A worker's batches packed, its blocks decoded into storages the pool reuses."""
-    packer = Packer(worker, pool)
-    with use_pool(pool):
+def _packed(
+    batches: Iterator[Any], packer: Packer, pool: ArenaPool | None
+) -> Iterator[PackedBatch]:
+    """A worker's batches packed by one packer (each block's storage sent once); with a pool,
+    its blocks decoded into storages the pool reuses."""
+    with use_pool(pool) if pool is not None else contextlib.nullcontext():
         for b in batches:
             yield packer.pack(b)
 
