@@ -63,6 +63,13 @@ def _use_count(storage: torch.UntypedStorage) -> int | None:
     return None if count is None else int(count(storage._cdata))
 
 
+def _held_only_by_caller(storage: torch.UntypedStorage) -> bool:
+    """Whether the caller's one reference is all that holds ``storage`` in this process: no
+    tensor views it (its use count: ours) and no other object holds the storage object itself
+    (its Python reference count: the caller's, this call's argument and getrefcount's)."""
+    return _use_count(storage) == 1 and sys.getrefcount(storage) == 3
+
+
 def release_board(workers: int) -> torch.Tensor:
     """(workers, RELEASE_SLOTS) uint8 in shared memory, zero: the main process sets [w, i] when
     it holds nothing of the storage worker w sent as id i (see :class:`ArenaPool`): 1 MiB per
@@ -164,9 +171,7 @@ class ArenaPool:
     def _is_free(self, h: _Held) -> bool:
         board = self.board
         h.ids = {i for i in h.ids if not board[i]} if board is not None else h.ids
-        # tensors count in the storage's use count; holders of the storage object itself (an
-        # arena, the packer) only in its Python reference count: here, h and the call's argument
-        return not h.ids and _use_count(h.storage) == 1 and sys.getrefcount(h.storage) == 2
+        return not h.ids and _held_only_by_caller(h.storage)  # h's reference
 
 
 class Arena:
@@ -352,8 +357,7 @@ class Unpacker:
         idle, self._idle = self._idle, []
         while idle:
             w, i, s = idle.pop()
-            # views count in the use count; the storage object itself is held by s and the call
-            if _use_count(s) != 1 or sys.getrefcount(s) != 2:
+            if not _held_only_by_caller(s):  # s's reference
                 self._idle.append((w, i, s))
                 continue
             if i < board.shape[1]:
