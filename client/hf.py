@@ -25,7 +25,6 @@ import transformers.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from kdcache.client import losses
 from kdcache.client._divergences import masked_mean
 from kdcache.client._loader import CacheLoader
 from kdcache.client.dataset import CacheDataset
+from kdcache.client.distributed import end_distributed
 from kdcache.client.layermap import HiddenProjector, LayerMap
 from kdcache.client.layerselect import LearnedLayerMap
 
@@ -357,29 +357,6 @@ class KDTrainer(Trainer):
                     chosen = max(row, key=row.__getitem__)
                     logs[f"layer_{s}"], logs[f"layer_{s}_weight"] = chosen, round(row[chosen], 6)
         super().log(logs, *args, **kwargs)
-
-
-def end_distributed() -> None:
-    """Tear the default process group down at the end of a distributed script; no-op without one.
-
-    Call it after ``main()`` has returned (the Trainer and its DDP model gone), on every rank::
-
-        if __name__ == "__main__":
-            main()
-            end_distributed()
-
-    Collects garbage (the Trainer and accelerate hold reference cycles to the DDP reducer, which
-    holds the process group), waits at a barrier so no collective is still in flight on any rank,
-    then destroys the group, whose gloo or NCCL threads are joined while the interpreter is whole.
-    Left to interpreter exit, a gloo worker thread still freeing a finished collective's tensors
-    can abort a run that succeeded ("terminate called without an active exception", SIGABRT) —
-    seen in CI; destroying the group inside ``main`` while the Trainer is alive deadlocks instead.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 def _updates_per_epoch(batches: int, args: Any) -> int:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdcache.client import losses
 from kdcache.client.dataset import CacheDataset
+from kdcache.client.distributed import end_distributed
 from kdcache.client.layermap import HiddenProjector, LayerMap
 
 
@@ -184,10 +185,8 @@ def main() -> None:
                 },
                 args.save,
             )
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_distributed()  # after main: the DDP model is gone, then the process group
