@@ -15,12 +15,26 @@ the fields read, it measures side by side:
   dtypes" also casts into what a batch carries (int64 ids, float32 log-probabilities), in
   fresh outputs per epoch as CacheDataset has: like with like for the "/ dec->batch" columns;
 - CacheDataset: one shuffled epoch, rows handed to the caller; and through ``ds.loader()`` with
-  0 and 2 DataLoader workers (batches collated as training gets them);
+  0 and 2 DataLoader workers (batches collated as training gets them), blocks decoded into fresh
+  or reused memory; "torch's tensors": workers' batches sent as torch pickles tensors, which is
+  what ``pin_memory=True`` on a GPU host took before the loader pinned packed batches itself;
 - for the new cache only: the HTTP service and S3 (moto).
 
 MB/s are stored (compressed) bytes per second, so the rows compare directly; "tensor MB/s" is
 what the caller receives. HTTP runs the kdcache service under uvicorn and S3 runs moto, both in
 this process, so they compete with the client for the interpreter: read those as lower bounds.
+A "training loop" table then times an epoch of the new cache under a consumer that does work
+per batch (``--consumers``), against the consumer alone, for each worker count:
+
+- ``gpu:OPS:MS`` stands for a step on an accelerator: OPS tiny torch ops (each releases the GIL
+  and takes it back, as a kernel launch does) then MS ms waiting with the GIL released (as on a
+  CUDA synchronisation); the main process's CPU is mostly idle;
+- ``python:MS`` holds the GIL for MS ms per batch (a Python-heavy step);
+- ``torch:MS`` runs torch matrix products for MS ms per batch (a CPU student: every core busy).
+
+Without workers the dataset decodes in threads of the training process, which then wait for the
+GIL behind the loop (and the loop behind them); workers decode in processes of their own.
+
 A last table prints, for the hidden-state array alone, stored bytes and decode-only speed of
 zstd level 3, zstd level 1 and lz4 (the size-vs-decode-speed choice the writer makes).
 """
@@ -48,6 +62,7 @@ from typing import Any, Literal
 import google_crc32c
 import numcodecs.blosc
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -253,12 +268,17 @@ def _decoded(chunk: bytes) -> int:
 
 
 def epoch(
-    make: Callable[[], CacheDataset], workers: int | None, batch: int, recycle: bool = True
+    make: Callable[[], CacheDataset],
+    workers: int | None,
+    batch: int,
+    recycle: bool = True,
+    pack: bool = True,
 ) -> int:
     """Tensor bytes of one shuffled epoch handed to the caller: rows one by one (``workers``
     None) or batches through ``ds.loader`` with ``workers`` DataLoader workers (``recycle``:
     blocks decoded into memory reused once the caller let go of an earlier block, else fresh
-    memory for each, as before)."""
+    memory for each, as before; ``pack`` False: workers' batches cross as torch's own tensors,
+    the path a DataLoader that pins needed before the loader pinned them itself)."""
     from kdcache.client import _shm
 
     ds = make()
@@ -267,7 +287,9 @@ def epoch(
     _shm.REUSE = recycle
     try:
         if workers is not None:
-            for b in ds.loader(batch_size=batch, num_workers=workers, **kw):
+            loader = ds.loader(batch_size=batch, num_workers=workers, **kw)
+            loader._batches.pack = pack
+            for b in loader:
                 nbytes += sum(v.numel() * v.element_size() for v in b.values())
         else:
             for s in ds:
@@ -423,15 +445,103 @@ def measure_local(
     make = lambda: CacheDataset(url, **kw)  # noqa: E731
     table.add(settings, "CacheDataset local, rows", lambda: epoch(make, None, 0), stored, dec)
     for w in args.workers:
-        for recycle in (False, True):
+        for recycle, pack in ((False, True), (True, True), (True, False))[: 3 if w else 2]:
 
-            def loader(w: int = w, recycle: bool = recycle) -> int:
-                return epoch(make, w, args.batch_size, recycle)
+            def loader(w: int = w, recycle: bool = recycle, pack: bool = pack) -> int:
+                return epoch(make, w, args.batch_size, recycle, pack)
 
-            how = "reused" if recycle else "fresh"
-            name = f"CacheDataset local, loader, {w} workers, {how} mem"
+            how = "reused mem" if recycle else "fresh mem"
+            how = how if pack else "torch's tensors"
+            name = f"CacheDataset local, loader, {w} workers, {how}"
             table.add(settings, name, loader, stored, dec)
     return dec
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Work a training loop does per batch (see the module docstring)."""
+
+    kind: Literal["gpu", "python", "torch"]
+    ms: float
+    ops: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Consumer:
+        kind, *rest = text.split(":")
+        if kind == "gpu" and len(rest) == 2:
+            return cls("gpu", float(rest[1]), int(rest[0]))
+        if kind in ("python", "torch") and len(rest) == 1:
+            return cls(kind, float(rest[0]))  # type: ignore[arg-type]
+        raise SystemExit(f"--consumers: {text!r} is not gpu:OPS:MS, python:MS or torch:MS")
+
+    def __str__(self) -> str:
+        if self.kind == "gpu":
+            return f"gpu-like: {self.ops} torch ops + {self.ms:g} ms GIL-free wait"
+        if self.kind == "python":
+            return f"python: {self.ms:g} ms holding the GIL"
+        return f"torch: {self.ms:g} ms of matrix products"
+
+    def step(self) -> Callable[[], None]:
+        x, w = torch.zeros(4), torch.randn(256, 256)
+        secs = self.ms / 1e3
+
+        def gpu() -> None:
+            for _ in range(self.ops):
+                torch.add(x, 1, out=x)
+            time.sleep(secs)
+
+        def python() -> None:
+            end = time.perf_counter() + secs
+            while time.perf_counter() < end:
+                pass
+
+        def products() -> None:
+            end = time.perf_counter() + secs
+            while time.perf_counter() < end:
+                torch.mm(w, w)
+
+        return {"gpu": gpu, "python": python, "torch": products}[self.kind]
+
+
+def consumer_table(make: Callable[[], CacheDataset], args: argparse.Namespace) -> None:
+    """An epoch of batches under each consumer: alone, and fed by each worker count; the runs
+    alternate, and medians are compared (without workers the epoch varies most from run to run,
+    so a best-of would hide what a training loop gets)."""
+    batches = len(make().loader(batch_size=args.batch_size))
+    print(
+        f"\n  training loop over the new cache: {batches} batches of {args.batch_size} rows; "
+        f"epoch seconds, median (min-max) of {args.repeat} alternated runs; 'loop alone' runs "
+        "the steps without data"
+    )
+    cols = ["loop alone", *(f"{w} workers" for w in args.workers)]
+    print(f"  {'consumer per batch':46s} " + " ".join(f"{c:>17s}" for c in cols) + "  workers vs 0")
+    for text in args.consumers:
+        consumer = Consumer.parse(text)
+        step = consumer.step()
+
+        def alone(step: Callable[[], None] = step) -> int:
+            for _ in range(batches):
+                step()
+            return 0
+
+        def fed(w: int, step: Callable[[], None] = step) -> int:
+            kw: dict[str, Any] = {"multiprocessing_context": "fork"} if w else {}
+            for _ in make().loader(batch_size=args.batch_size, num_workers=w, **kw):
+                step()
+            return 0
+
+        runs: dict[str, list[float]] = {c: [] for c in cols}
+        for _ in range(args.repeat):
+            runs["loop alone"].append(timed(alone)[0].wall)
+            for w in args.workers:
+                runs[f"{w} workers"].append(timed(partial(fed, w))[0].wall)
+        med = {c: float(np.median(v)) for c, v in runs.items()}
+        cells = [f"{med[c]:.2f} ({min(runs[c]):.2f}-{max(runs[c]):.2f})" for c in cols]
+        ratio = ""
+        if 0 in args.workers and len(args.workers) > 1:
+            w_best = min((w for w in args.workers if w), key=lambda w: med[f"{w} workers"])
+            ratio = f"  {med['0 workers'] / med[f'{w_best} workers']:.2f}x ({w_best} workers)"
+        print(f"  {str(consumer):46s} " + " ".join(f"{c:>17s}" for c in cells) + ratio)
 
 
 def codec_table(url: str, name: str, threads: int, repeat: int) -> None:
@@ -479,11 +589,17 @@ def main() -> None:
         default=0,
         help="CacheDataset shuffle_window in rows (0: its default, 256 MiB of rows)",
     )
+    p.add_argument(
+        "--consumers",
+        default="gpu:200:2,python:2,torch:2",
+        help="training-loop work per batch for the loop table (none: skip it)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "kdcache-bench"))
     args = p.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w]
+    args.consumers = [c for c in args.consumers.split(",") if c and c != "none"]
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
 
     built, spec, root = build_cache(args)
@@ -537,6 +653,8 @@ def main() -> None:
                     lambda: CacheDataset(s3url, cache_dir=tempfile.mkdtemp(), **kws),
                 )
     table.print()
+    if args.consumers:
+        consumer_table(lambda: CacheDataset(url, **kw), args)
     hidden = [a for a in arrays if a.startswith("hidden/")]
     if hidden:
         codec_table(url, hidden[0], args.threads, args.repeat)

@@ -9,6 +9,11 @@ rather than collated row by row by the DataLoader, which would copy every row on
 main process when there are no workers. A worker decodes a block into shared memory and sends
 it to the main process once; its batches then cross as offsets into it (:mod:`._shm`), so they
 are neither copied nor passed as one file descriptor per tensor.
+
+With ``pin_memory=True`` where torch pins, workers' batches still cross packed: the loader pins
+them itself, in a thread of its own (as the DataLoader's pinning thread would), after unpacking.
+Left to the DataLoader, its pinning thread would need torch's own tensors from the workers, one
+file descriptor per tensor per batch and each block copied into fresh shared memory.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kdcache.client import _shm
+from kdcache.client._prefetch import Prefetcher
 from kdcache.client._shm import ArenaPool, PackedBatch, Packer, Unpacker, release_board, use_pool
 
 if TYPE_CHECKING:
@@ -75,6 +81,43 @@ def _pins() -> bool:
     return acc is not None and acc.type != "mps"
 
 
+PINNED_AHEAD = 2
+"""Pinned batches the loader's pinning thread keeps ready (the DataLoader's own keeps its
+workers' prefetch, and pins them one at a time)."""
+
+
+def _pin(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's tensors copied into pinned (page-locked) memory."""
+    return {k: v.pin_memory() for k, v in batch.items()}
+
+
+def _current_device() -> int | None:
+    """The current accelerator's device index (the pinning thread sets it, as torch's does, so
+    pinning creates no context on another device), or None where torch has no such notion."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return int(accelerator.current_device_index())
+    return int(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _pinned(
+    items: Iterator[Any], unpacker: Unpacker, device: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run in the pinning thread: each item unpacked and pinned. The unpacked views are dropped
+    once pinned, so their storages go back to the workers' pools."""
+    torch.set_num_threads(1)  # thread-local: one copy must not take every core
+    if device is not None:
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is not None:
+            accelerator.set_device_index(device)
+        else:
+            torch.cuda.set_device(device)
+    for item in items:
+        batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
+        yield _pin(batch)
+        del batch
+
+
 class CacheLoader:
     """Iterate batches of a :class:`CacheDataset`: dicts of (B, ...) tensors.
 
@@ -98,10 +141,14 @@ class CacheLoader:
                 )
         self.dataset = dataset
         self.batch_size = batch_size
-        # pinning runs in the DataLoader's thread on what workers send: leave it torch's tensors
-        # where it will pin (torch pins nothing without an accelerator, nor on MPS)
-        pack = not (kwargs.get("pin_memory") and _pins())
-        self._batches = _Batches(dataset, batch_size, pack)
+        # where torch would pin (not without an accelerator, nor on MPS), workers' batches are
+        # pinned here, after unpacking, so they can still cross packed; without workers the
+        # DataLoader pins its own batches in the main thread, as the dataset counts them there
+        pin = bool(kwargs.get("pin_memory")) and _pins()
+        self._pin = pin and int(kwargs.get("num_workers", 0)) > 0
+        if self._pin:
+            kwargs = {**kwargs, "pin_memory": False}
+        self._batches = _Batches(dataset, batch_size, pack=not pin or self._pin)
         # per worker, in the last pass: shared storages made and reused for blocks (workers only)
         self.arenas: dict[int, tuple[int, int]] = {}
         self.dataloader: DataLoader[Any] = DataLoader(self._batches, batch_size=None, **kwargs)
@@ -117,10 +164,25 @@ class CacheLoader:
         self._batches.board = board
         unpacker = Unpacker(board)
         self.arenas = unpacker.arenas
-        for item in self.dataloader:
-            batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
-            if counting:
-                self.dataset._count(len(batch["row"]))
-            yield batch
+        items = iter(self.dataloader)  # workers start here, in the calling thread
+        if self._pin:
+            pinned = Prefetcher(
+                _pinned(items, unpacker, _current_device()),
+                lambda _: 1,
+                PINNED_AHEAD,
+                name="kdcache-pin",
+            )
+            batches: Iterator[dict[str, torch.Tensor]] = pinned
+        else:
+            pinned = None
+            batches = (unpacker.unpack(i) if isinstance(i, PackedBatch) else i for i in items)
+        try:
+            for batch in batches:
+                if counting:
+                    self.dataset._count(len(batch["row"]))
+                yield batch
+        finally:
+            if pinned is not None:
+                pinned.close()
         if counting:
             self.dataset._end_pass()

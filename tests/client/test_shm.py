@@ -234,8 +234,82 @@ def test_pin_memory_without_an_accelerator_still_packs_and_reuses(cache_dir37: s
             for k in want[n]:
                 assert torch.equal(want[n][k], b[k]), (n, k)
             del b
-    packed = bool(loader.arenas)
-    assert packed == (not _pins())
-    if packed:
-        ((_, reused),) = loader.arenas.values()
-        assert reused >= 1
+    ((_, reused),) = loader.arenas.values()  # packed with or without an accelerator
+    assert reused >= 1
+    assert loader.dataloader.pin_memory == (not _pins())  # where torch pins, the loader does
+
+
+class _FakePin:
+    """Stands in for pinning, which needs an accelerator this machine lacks: copies each batch
+    (as pinning does) and records the thread it ran in; raises on batch ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.threads: list[str] = []
+        self.fail_at = fail_at
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import threading
+
+        if len(self.threads) == self.fail_at:
+            raise RuntimeError("pinning failed")
+        self.threads.append(threading.current_thread().name)
+        return {k: v.clone() for k, v in batch.items()}
+
+
+@pytest.fixture
+def pins_here(monkeypatch: pytest.MonkeyPatch) -> _FakePin:
+    """Make the loader believe torch pins here (an accelerator), with a recording fake pin."""
+    from kdcache.client import _loader
+
+    fake = _FakePin()
+    monkeypatch.setattr(_loader, "_pins", lambda: True)
+    monkeypatch.setattr(_loader, "_current_device", lambda: None)
+    monkeypatch.setattr(_loader, "_pin", fake)
+    return fake
+
+
+def test_where_torch_pins_workers_batches_stay_packed_and_are_pinned_in_a_thread(
+    cache_dir37: str, pins_here: _FakePin
+) -> None:
+    kw = {"fields": ["input_ids", "topk", "hidden_1"], "seed": 4, "batch_size": 2, **SLOW}
+    want = list(CacheDataset(cache_dir37, **kw).loader())
+    assert pins_here.threads == []  # no workers: the DataLoader pins (here: torch pins nothing)
+    ds = CacheDataset(cache_dir37, **kw)
+    loader = ds.loader(
+        num_workers=1, multiprocessing_context="fork", prefetch_factor=1, pin_memory=True
+    )
+    assert loader.dataloader.pin_memory is False  # the loader pins, not the DataLoader
+    n = 0
+    for b in loader:
+        for k in want[n]:
+            assert torch.equal(want[n][k], b[k]), (n, k)
+        n += 1
+        # counted when handed over, not when pinned ahead of the caller
+        assert ds.state_dict()["consumed"] == min(2 * n, len(ds)), n
+        del b
+    assert n == len(want) and len(pins_here.threads) == n
+    assert set(pins_here.threads) == {"kdcache-pin"}
+    ((made, reused),) = loader.arenas.values()  # packed: the workers' storages were reused
+    assert reused >= 1 and made >= 1
+    assert ds.state_dict()["consumed"] == 0  # the pass ended
+
+
+def test_pinning_errors_reach_the_caller_and_an_early_stop_ends_the_thread(
+    cache_dir37: str, pins_here: _FakePin
+) -> None:
+    import threading
+
+    kw = {"fields": ["input_ids", "topk"], "seed": 4, "batch_size": 2, **SLOW}
+    ds = CacheDataset(cache_dir37, **kw)
+    pins_here.fail_at = 3
+    loader = ds.loader(num_workers=1, multiprocessing_context="fork", pin_memory=True)
+    got = 0
+    with pytest.raises(RuntimeError, match="pinning failed"):
+        for _ in loader:
+            got += 1
+    assert got == 3 and ds.state_dict()["consumed"] == 6
+    pins_here.fail_at, pins_here.threads[:] = None, []
+    it = iter(ds.loader(num_workers=1, multiprocessing_context="fork", pin_memory=True))
+    next(it)
+    it.close()  # the caller stops early: the pinning thread ends with the pass
+    assert not any(t.name == "kdcache-pin" and t.is_alive() for t in threading.enumerate())
