@@ -15,6 +15,9 @@ Then:
 - memory: peak GPU memory above the start of a bare forward of the body, of a full forward, and
   of the kdcache pass (fused LM head), against one batch's float32 logits.
 - fused vs unfused: the same rows extracted both ways agree within bf16 rounding.
+- loader: the cache read back through ``ds.loader(pin_memory=True)`` with 0 and 2 DataLoader
+  workers, batches moved to the device: every batch pinned (workers' batches are pinned by the
+  loader's own thread), values equal to a plain read, and seconds per epoch of each.
 - with more than one GPU: the teacher split over GPUs 0 and 1 (accelerate device map, forced by a
   small memory budget on GPU 0) gives the single-GPU numbers.
 
@@ -238,6 +241,34 @@ def split_check(teacher_dir: Path, job: Any, ids: np.ndarray) -> None:
     torch.cuda.empty_cache()
 
 
+def loader_check(cache_path: str, batch: int, dev: torch.device) -> None:
+    """Read the cache back pinned, with and without workers; check values, pinning and time."""
+    from kdcache.client.dataset import CacheDataset
+
+    kw: dict[str, Any] = {"fields": ["input_ids", "topk", "hidden"], "seed": 0}
+    want = [
+        {k: v.clone() for k, v in b.items()}
+        for b in CacheDataset(cache_path, **kw).loader(batch_size=batch)
+    ]
+    for workers in (0, 2):
+        extra: dict[str, Any] = {"multiprocessing_context": "fork"} if workers else {}
+        loader = CacheDataset(cache_path, **kw).loader(
+            batch_size=batch, num_workers=workers, pin_memory=True, **extra
+        )
+        pinned = equal = True
+        n = 0
+        t0 = time.perf_counter()
+        for n, b in enumerate(loader, 1):
+            pinned = pinned and all(v.is_pinned() for v in b.values())
+            on_dev = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            equal = equal and all(torch.equal(on_dev[k].cpu(), want[n - 1][k]) for k in b)
+        secs = time.perf_counter() - t0
+        print(
+            f"loader pin_memory=True, {workers} workers: {n} batches, all pinned {pinned}, "
+            f"equal to a plain read {equal and n == len(want)}, {secs:.2f} s (with checks)"
+        )
+
+
 def main() -> int:
     args = parse_args()
     dev = torch.device(args.device)
@@ -292,6 +323,7 @@ def main() -> int:
         memory(args, job, batches, job_pass, dev)
         fused_vs_unfused(job, ids[: args.batch], dev)
         accuracy(args, teacher_dir, cache_path, model, dev)
+        loader_check(cache_path, args.batch, dev)
         if dev.type == "cuda" and torch.cuda.device_count() > 1:
             try:
                 split_check(teacher_dir, job, ids[: args.batch])
