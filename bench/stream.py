@@ -383,13 +383,13 @@ class Table:
             *("", "", "tokens/s", "MB/s", "tensor MB/s", "/ decode", "CPU s", "/ dec CPU"),
             *("/ dec->batch", "CPU"),
         )
-        line = "  {:4s} {:46s} {:>11s} {:>8s} {:>11s} {:>8s} {:>6s} {:>9s} {:>12s} {:>5s}"
+        line = "  {:4s} {:56s} {:>11s} {:>8s} {:>11s} {:>8s} {:>6s} {:>9s} {:>12s} {:>5s}"
         print("\n" + line.format(*head))
         nan = Cost(float("nan"), float("nan"))
         for settings, what, c, stored, tensor_mbs, dec in self.rows:
             tb = self.to_batch.get(settings, nan)
             print(
-                f"  {settings:4s} {what:46s} {self.tokens / c.wall:11,.0f} "
+                f"  {settings:4s} {what:56s} {self.tokens / c.wall:11,.0f} "
                 f"{stored / c.wall / 1e6:8.1f} {tensor_mbs:11.1f} {dec.wall / c.wall:8.2f} "
                 f"{c.cpu:6.2f} {dec.cpu / c.cpu:9.2f} {tb.wall / c.wall:12.2f} "
                 f"{tb.cpu / c.cpu:5.2f}"
