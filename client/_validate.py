@@ -7,14 +7,14 @@ student; so a run states what it expects and every mismatch is reported at once.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdcache.core.errors import ManifestMismatchError
 from kdcache.core.fingerprint import tokenizer_fingerprint
 from kdcache.core.format import Manifest
 
-__all__ = ["EXPECT_KEYS", "check_expectations"]
+__all__ = ["EXPECT_KEYS", "check_ensemble_expectations", "check_expectations"]
 
 EXPECT_KEYS = (
     "cache_id",
@@ -29,6 +29,8 @@ EXPECT_KEYS = (
     "dataset_fingerprint",
 )
 _TOLERANCE = 1e-6
+IDENTITY_KEYS = ("cache_id", "teacher_fingerprint")
+"""Keys that name one cache: an ensemble takes them as a list, one entry (or None) per cache."""
 
 
 def _same(name: str, want: Any, got: Any, problems: list[str]) -> None:
@@ -105,3 +107,41 @@ def check_expectations(manifest: Manifest, expect: Mapping[str, Any] | None) -> 
         raise ManifestMismatchError(
             f"cache {m.cache_id} does not match what this run declares:\n  " + "\n  ".join(problems)
         )
+
+
+def check_ensemble_expectations(
+    manifests: Sequence[Manifest], sources: Sequence[str], expect: Mapping[str, Any] | None
+) -> None:
+    """:func:`check_expectations` for every cache of an ensemble, every mismatch named at once.
+
+    Keys about what the run needs (vocabulary, tokenizer, temperatures, layers, top-k, length,
+    dataset) hold for every teacher's cache. ``cache_id`` and ``teacher_fingerprint`` name one
+    cache each, so an ensemble takes them as a list with one entry per cache (None: unchecked).
+    """
+    if not expect:
+        return
+    if len(manifests) == 1:
+        check_expectations(manifests[0], expect)
+        return
+    n = len(manifests)
+    for key in IDENTITY_KEYS:
+        want = expect.get(key)
+        if want is not None and (
+            isinstance(want, (str, bytes)) or not isinstance(want, Sequence) or len(want) != n
+        ):
+            raise ValueError(
+                f"expect[{key!r}]: an ensemble of {n} caches takes a list of {n} values (one per "
+                f"cache, None to skip one), got {want!r}"
+            )
+    problems: list[str] = []
+    for j, (m, src) in enumerate(zip(manifests, sources, strict=True)):
+        mine = {k: v for k, v in expect.items() if k not in IDENTITY_KEYS}
+        for key in IDENTITY_KEYS:
+            if expect.get(key) is not None:
+                mine[key] = expect[key][j]
+        try:
+            check_expectations(m, mine)
+        except ManifestMismatchError as err:
+            problems.append(f"teacher {j} ({src}): {err}")
+    if problems:
+        raise ManifestMismatchError("\n".join(problems))

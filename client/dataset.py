@@ -41,7 +41,7 @@ from kdcache.client._remote import (
 )
 from kdcache.client._resume import DatasetState, ResumeError, resume_point
 from kdcache.client._service import prefetch_rows
-from kdcache.client._validate import check_expectations
+from kdcache.client._validate import check_ensemble_expectations
 from kdcache.client.cache import hidden_bases, open_reader
 from kdcache.client.ensemble import (
     as_sources,
@@ -138,7 +138,9 @@ class CacheDataset(IterableDataset[Sample]):
     expect: what the run declares; any of ``vocab_size``, ``tokenizer_fingerprint`` or
     ``tokenizer`` (a directory), ``temperatures`` and ``layers`` (must be cached), ``topk``,
     ``seq_len``, ``cache_id``, ``teacher_fingerprint``, ``dataset_fingerprint``. Every mismatch is
-    reported at once by a ManifestMismatchError before any row is read.
+    reported at once by a ManifestMismatchError before any row is read. For an ensemble every
+    teacher's cache is checked; ``cache_id`` and ``teacher_fingerprint`` are then lists, one
+    entry (or None) per cache.
     retries: attempts on transient remote errors; read_threads: decode threads per process.
     decode_hidden: for a ``pca:R`` cache, give ``hidden_<l>`` decoded to (T, d) float32 instead
     of its codes (T, R) (int8 / fp8 caches always decode to (T, d) float32).
@@ -220,7 +222,7 @@ class CacheDataset(IterableDataset[Sample]):
                 f"seq_len must be in [1, {m.seq_len}] (the cached length); got {seq_len}"
             )
         self.seq_len = seq_len
-        check_expectations(m, expect)
+        check_ensemble_expectations([m, *self.member_manifests], self.sources, expect)
         self.window_shards = _window_shards(m, shuffle_window)
         self.epoch, self._start, self._consumed = 0, 0, 0
         if self.policy == "none" and self.world_size > 1:

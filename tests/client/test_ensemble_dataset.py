@@ -235,3 +235,27 @@ def test_kdtrainer_distils_from_an_ensemble(caches: dict[str, Any], tmp_path: Pa
     hidden = KDConfig(layer_map=LayerMap({1: 1}))
     with pytest.raises(ValueError, match="ensemble of 2 caches"):
         KDTrainer(model=model, args=args, train_dataset=ds, kd=hidden)
+
+
+def test_expect_checks_every_teacher_and_names_each_mismatch(caches: dict[str, Any]) -> None:
+    a, b = caches["a"], caches["b"]  # a: top-8, layers [1, 2]; b: top-5, layers [1]
+    CacheDataset([a, b], expect={"vocab_size": 320, "temperatures": [1.0, 2.0], "topk": 5})
+    CacheDataset(a, expect={"topk": 8, "layers": [2]})  # a alone meets both
+    with pytest.raises(ManifestMismatchError) as err:
+        CacheDataset([a, b], expect={"topk": 8, "layers": [2]})
+    text = str(err.value)
+    assert f"teacher 1 ({b})" in text and "top-8" in text and "[2] are not cached" in text
+    assert "teacher 0" not in text  # a meets both
+    with pytest.raises(ManifestMismatchError, match=r"(?s)teacher 0 \(.*\).*\[2\] are not cached"):
+        CacheDataset([b, a], expect={"layers": [2]})  # the order names the teacher
+
+
+def test_expect_takes_one_cache_id_per_teacher(caches: dict[str, Any]) -> None:
+    a, b = caches["a"], caches["b"]
+    ids = [TeacherCache(a).manifest.cache_id, TeacherCache(b).manifest.cache_id]
+    CacheDataset([a, b], expect={"cache_id": ids})
+    CacheDataset([a, b], expect={"cache_id": [None, ids[1]]})
+    with pytest.raises(ValueError, match=r"expect\['cache_id'\]: an ensemble of 2 caches"):
+        CacheDataset([a, b], expect={"cache_id": ids[0]})
+    with pytest.raises(ManifestMismatchError, match=r"(?s)teacher 1 .*cache_id"):
+        CacheDataset([a, b], expect={"cache_id": [ids[0], ids[0]]})
