@@ -114,8 +114,9 @@ def _pinned(
             torch.cuda.set_device(device)
     for item in items:
         batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
-        yield _pin(batch)
-        del batch
+        pinned = _pin(batch)
+        del item, batch  # not held while the pinned copy waits for the caller
+        yield pinned
 
 
 class CacheLoader:
