@@ -21,7 +21,9 @@ Then:
 - with more than one GPU: the teacher split over GPUs 0 and 1 (accelerate device map, forced by a
   small memory budget on GPU 0) gives the single-GPU numbers.
 
-Without a CUDA device it prints "no CUDA device, skipped" and exits 0. ``--device cpu`` with small
+Each check after the cache pass runs even when an earlier one fails (its traceback is printed);
+the script then exits 1 and names the failed checks on its last line. Without a CUDA device it
+prints "no CUDA device, skipped" and exits 0. ``--device cpu`` with small
 sizes exercises the same code on a CPU (for developing this script, not for its numbers).
 
 Usage: ``python bench/gpu_check.py [--rows 256] [--check-rows 8] [--reps 3]``
@@ -34,6 +36,8 @@ import os
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -320,17 +324,32 @@ def main() -> int:
             lambda: extract_batches(job.teacher, ids, batch_size=args.batch, **kw), dev
         )
         print(f"  extraction alone   {t_extract:8.3f} s  (forward + top-k/lse + copies, no writes)")
-        memory(args, job, batches, job_pass, dev)
-        fused_vs_unfused(job, ids[: args.batch], dev)
-        accuracy(args, teacher_dir, cache_path, model, dev)
-        loader_check(cache_path, args.batch, dev)
+        checks: list[tuple[str, Callable[[], None]]] = [
+            ("memory", lambda: memory(args, job, batches, job_pass, dev)),
+            ("fused vs unfused", lambda: fused_vs_unfused(job, ids[: args.batch], dev)),
+            ("accuracy", lambda: accuracy(args, teacher_dir, cache_path, model, dev)),
+            ("loader", lambda: loader_check(cache_path, args.batch, dev)),
+        ]
         if dev.type == "cuda" and torch.cuda.device_count() > 1:
-            try:
-                split_check(teacher_dir, job, ids[: args.batch])
-            except Exception as err:  # report it; the numbers above stand on their own
-                print(f"split teacher check FAILED: {type(err).__name__}: {err}")
-    print(f"total {time.perf_counter() - t_start:.0f}s")
-    return 0
+            checks.append(
+                ("split teacher", lambda: split_check(teacher_dir, job, ids[: args.batch]))
+            )
+        # one device session is all there may be: a failing check is reported and the rest run
+        failed = [name for name, check in checks if not _section(name, check)]
+    print(f"total {time.perf_counter() - t_start:.0f}s" + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _section(name: str, check: Callable[[], None]) -> bool:
+    """Run one check; on an exception print it (with where it came from) and return False."""
+    t0 = time.perf_counter()
+    try:
+        check()
+    except Exception:
+        print(f"{name} check FAILED after {time.perf_counter() - t0:.0f}s:")
+        traceback.print_exc(limit=-6, file=sys.stdout)
+        return False
+    return True
 
 
 if __name__ == "__main__":
