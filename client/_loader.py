@@ -126,6 +126,11 @@ class CacheLoader:
     ``multiprocessing_context``, ``prefetch_factor`` ...). ``persistent_workers`` is refused:
     persistent workers keep the dataset copy of the first epoch and would miss ``set_epoch``
     and ``load_state_dict``.
+
+    On a GPU host give it a worker or two: without workers the cache is decoded in threads of
+    the training process, which contend with the training loop for the GIL. With workers and
+    ``pin_memory=True`` the loader pins their batches itself, in a thread of its own
+    (``self.dataloader.pin_memory`` is then False), so they still cross as shared-memory views.
     """
 
     def __init__(self, dataset: CacheDataset, batch_size: int, **kwargs: Any) -> None:
