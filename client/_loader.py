@@ -38,9 +38,10 @@ __all__ = ["CacheLoader"]
 class _Batches(IterableDataset[Any]):
     """The dataset's batches as the items of an IterableDataset (a DataLoader with
     ``batch_size=None`` passes them through as they are); ``pack``: in a worker, as
-    :class:`PackedBatch` es (see :mod:`kdcache.client._shm`)."""
+    :class:`PackedBatch` es (see :mod:`kdcache.client._shm`); False sends torch's own tensors
+    (what ``bench/stream.py`` compares packing with)."""
 
-    def __init__(self, dataset: CacheDataset, batch_size: int, pack: bool = False) -> None:
+    def __init__(self, dataset: CacheDataset, batch_size: int, pack: bool = True) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
@@ -101,10 +102,10 @@ def _current_device() -> int | None:
 
 
 def _pinned(
-    items: Iterator[Any], unpacker: Unpacker, device: int | None
+    batches: Iterator[dict[str, torch.Tensor]], device: int | None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Run in the pinning thread: each item unpacked and pinned. The unpacked views are dropped
-    once pinned, so their storages go back to the workers' pools."""
+    """Run in the pinning thread: each batch (unpacked there) pinned. The unpacked views are
+    dropped once pinned, so their storages go back to the workers' pools."""
     torch.set_num_threads(1)  # thread-local: one copy must not take every core
     if device is not None:
         accelerator = getattr(torch, "accelerator", None)
@@ -112,10 +113,9 @@ def _pinned(
             accelerator.set_device_index(device)
         else:
             torch.cuda.set_device(device)
-    for item in items:
-        batch = unpacker.unpack(item) if isinstance(item, PackedBatch) else item
+    for batch in batches:
         pinned = _pin(batch)
-        del item, batch  # not held while the pinned copy waits for the caller
+        del batch  # not held while the pinned copy waits for the caller
         yield pinned
 
 
@@ -148,13 +148,13 @@ class CacheLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         # where torch would pin (not without an accelerator, nor on MPS), workers' batches are
-        # pinned here, after unpacking, so they can still cross packed; without workers the
+        # pinned here, after unpacking, so they still cross packed; without workers the
         # DataLoader pins its own batches in the main thread, as the dataset counts them there
-        pin = bool(kwargs.get("pin_memory")) and _pins()
-        self._pin = pin and int(kwargs.get("num_workers", 0)) > 0
+        workers = int(kwargs.get("num_workers", 0))
+        self._pin = bool(kwargs.get("pin_memory")) and _pins() and workers > 0
         if self._pin:
             kwargs = {**kwargs, "pin_memory": False}
-        self._batches = _Batches(dataset, batch_size, pack=not pin or self._pin)
+        self._batches = _Batches(dataset, batch_size)
         # per worker, in the last pass: shared storages made and reused for blocks (workers only)
         self.arenas: dict[int, tuple[int, int]] = {}
         self.dataloader: DataLoader[Any] = DataLoader(self._batches, batch_size=None, **kwargs)
@@ -171,17 +171,15 @@ class CacheLoader:
         unpacker = Unpacker(board)
         self.arenas = unpacker.arenas
         items = iter(self.dataloader)  # workers start here, in the calling thread
-        if self._pin:
+        batches: Iterator[dict[str, torch.Tensor]] = (
+            unpacker.unpack(i) if isinstance(i, PackedBatch) else i for i in items
+        )
+        pinned = None
+        if self._pin:  # unpacked and pinned in the pinning thread
             pinned = Prefetcher(
-                _pinned(items, unpacker, _current_device()),
-                lambda _: 1,
-                PINNED_AHEAD,
-                name="kdcache-pin",
+                _pinned(batches, _current_device()), lambda _: 1, PINNED_AHEAD, name="kdcache-pin"
             )
-            batches: Iterator[dict[str, torch.Tensor]] = pinned
-        else:
-            pinned = None
-            batches = (unpacker.unpack(i) if isinstance(i, PackedBatch) else i for i in items)
+            batches = pinned
         try:
             for batch in batches:
                 if counting:
