@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Callable, Iterable
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -167,6 +168,24 @@ def test_pool_never_reuses_a_storage_it_cannot_hear_back_on() -> None:
 SLOW = {"prefetch_bytes": 1, "shuffle_window": 4}
 
 
+def _all_equal(
+    want: list[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
+    after: Callable[[int], None] | None = None,
+) -> None:
+    """Every batch equals ``want``'s in order, and all of them come; each is let go once
+    compared (``after(n)`` runs after the n-th), so its block may be reused for a later one."""
+    n = 0
+    for b in batches:
+        for k in want[n]:
+            assert torch.equal(want[n][k], b[k]), (n, k)
+        n += 1
+        if after is not None:
+            after(n)
+        del b
+    assert n == len(want)
+
+
 def test_a_worker_reuses_only_the_block_storages_the_main_process_let_go(
     cache_dir37: str,
 ) -> None:
@@ -179,20 +198,12 @@ def test_a_worker_reuses_only_the_block_storages_the_main_process_let_go(
         )
 
     held = loader()
-    got = list(held)  # every batch kept: no block may be written over
-    for n, (a, b) in enumerate(zip(want, got, strict=True)):
-        for k in a:
-            assert torch.equal(a[k], b[k]), (n, k)
+    _all_equal(want, list(held))  # every batch kept: no block may be written over
     ((blocks, none),) = held.arenas.values()
     assert none == 0 and blocks >= 5  # 37 rows: at least five blocks (shards of 8 rows)
 
-    dropped, n = loader(), 0
-    for b in dropped:  # each batch let go once compared
-        for k in want[n]:
-            assert torch.equal(want[n][k], b[k]), (n, k)
-        n += 1
-        del b
-    assert n == len(want)
+    dropped = loader()
+    _all_equal(want, dropped)
     ((made, reused),) = dropped.arenas.values()
     assert reused >= 1 and made + reused == blocks
 
@@ -207,16 +218,9 @@ def test_without_workers_blocks_reuse_memory_only_once_the_caller_lets_go(
     want = [{k: v.clone() for k, v in b.items()} for b in held]
     assert arenas.reused == 0 and arenas.made >= 5  # 37 rows: at least five blocks
     made = arenas.made
-    n = 0
-    for b in ds.loader(batch_size=2):  # the same pass again, each batch let go once compared
-        for k in want[n]:
-            assert torch.equal(want[n][k], b[k]), (n, k)
-        n += 1
-        del b
-    assert n == len(want) and arenas.reused >= 1 and arenas.made - made < made
-    for n, (a, b) in enumerate(zip(want, held, strict=True)):  # the kept batches are intact
-        for k in a:
-            assert torch.equal(a[k], b[k]), (n, k)
+    _all_equal(want, ds.loader(batch_size=2))  # the same pass again
+    assert arenas.reused >= 1 and arenas.made - made < made
+    _all_equal(want, held)  # the kept batches are intact
 
 
 def test_pin_memory_without_an_accelerator_still_packs_and_reuses(cache_dir37: str) -> None:
@@ -230,10 +234,7 @@ def test_pin_memory_without_an_accelerator_still_packs_and_reuses(cache_dir37: s
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "no accelerator is found"
-        for n, b in enumerate(loader):
-            for k in want[n]:
-                assert torch.equal(want[n][k], b[k]), (n, k)
-            del b
+        _all_equal(want, loader)
     ((_, reused),) = loader.arenas.values()  # packed with or without an accelerator
     assert reused >= 1
     assert loader.dataloader.pin_memory == (not _pins())  # where torch pins, the loader does
@@ -279,15 +280,12 @@ def test_where_torch_pins_workers_batches_stay_packed_and_are_pinned_in_a_thread
         num_workers=1, multiprocessing_context="fork", prefetch_factor=1, pin_memory=True
     )
     assert loader.dataloader.pin_memory is False  # the loader pins, not the DataLoader
-    n = 0
-    for b in loader:
-        for k in want[n]:
-            assert torch.equal(want[n][k], b[k]), (n, k)
-        n += 1
-        # counted when handed over, not when pinned ahead of the caller
+
+    def counted(n: int) -> None:  # when handed over, not when pinned ahead of the caller
         assert ds.state_dict()["consumed"] == min(2 * n, len(ds)), n
-        del b
-    assert n == len(want) and len(pins_here.threads) == n
+
+    _all_equal(want, loader, counted)
+    assert len(pins_here.threads) == len(want)
     assert set(pins_here.threads) == {"kdcache-pin"}
     ((made, reused),) = loader.arenas.values()  # packed: the workers' storages were reused
     assert reused >= 1 and made >= 1
